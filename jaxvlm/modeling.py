@@ -1,0 +1,332 @@
+"""LLaVA in Flax NNX: a CLIP vision tower, a projector and a LLaMA-family decoder with a KV cache.
+
+Every parameter carries logical axis names (`axes` metadata) that `sharding.py` maps to mesh axes. Layers are
+kept as separate modules (not stacked and scanned): on GPU a scan over stacked weights pays a copy per layer.
+The decoder runs in two shapes: `prefill` (a padded batch of whole prompts, causal) and `decode` (one token per
+cache slot). Weights are loaded by `params.py`; this file only computes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxvlm.kernels.attention import decode_attention, prefill_attention
+from jaxvlm.model_config import LlavaConfig, TextConfig, VisionTowerConfig
+
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [slots, kv_heads, max_len, head_dim]
+
+
+def param(shape: tuple[int, ...], dtype, axes: tuple[str | None, ...]) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+
+
+# ----------------------------------------------------------------------------------------------- vision tower
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, axis_name: str):
+        self.scale = param((dim,), dtype, (axis_name,))
+        self.bias = param((dim,), dtype, (axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _act(name: str, x: jax.Array) -> jax.Array:
+    if name == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return jax.nn.gelu(x, approximate=True)
+    if name == "silu":
+        return jax.nn.silu(x)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class Dense(nnx.Module):
+    """x @ kernel + bias, with the kernel stored [in, out] as a matmul wants it."""
+
+    def __init__(self, d_in: int, d_out: int, dtype, axes: tuple[str, str], bias: bool = True):
+        self.kernel = param((d_in, d_out), dtype, axes)
+        self.bias = param((d_out,), dtype, (axes[1],)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+class ClipLayer(nnx.Module):
+    def __init__(self, c: VisionTowerConfig, dtype):
+        d, f = c.hidden_size, c.intermediate_size
+        self.num_heads = c.num_heads
+        self.act = c.hidden_act
+        self.layer_norm1 = LayerNorm(d, c.layer_norm_eps, dtype, "vision_embed")
+        self.q_proj = Dense(d, d, dtype, ("vision_embed", "vision_heads"))
+        self.k_proj = Dense(d, d, dtype, ("vision_embed", "vision_heads"))
+        self.v_proj = Dense(d, d, dtype, ("vision_embed", "vision_heads"))
+        self.out_proj = Dense(d, d, dtype, ("vision_heads", "vision_embed"))
+        self.layer_norm2 = LayerNorm(d, c.layer_norm_eps, dtype, "vision_embed")
+        self.fc1 = Dense(d, f, dtype, ("vision_embed", "vision_mlp"))
+        self.fc2 = Dense(f, d, dtype, ("vision_mlp", "vision_embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, t, d = x.shape
+        h = self.layer_norm1(x)
+        split = lambda y: y.reshape(n, t, self.num_heads, d // self.num_heads)
+        q, k, v = split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
+        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(scores / math.sqrt(d // self.num_heads), axis=-1).astype(v.dtype)
+        attn = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, t, d)
+        x = x + self.out_proj(attn)
+        return x + self.fc2(_act(self.act, self.fc1(self.layer_norm2(x))))
+
+
+class ClipVisionTower(nnx.Module):
+    """CLIP ViT up to the deepest layer LLaVA reads; `post_layernorm` only feeds the pooled output, so it is
+    absent, and so are the layers after the selected one."""
+
+    def __init__(self, c: VisionTowerConfig, num_layers: int, dtype):
+        d, p = c.hidden_size, c.patch_size
+        self.patch_size = p
+        self.class_embedding = param((d,), dtype, ("vision_embed",))
+        # The conv stem as a matmul over flattened (channel, row, col) patches.
+        self.patch_embedding = param((c.num_channels * p * p, d), dtype, (None, "vision_embed"))
+        self.position_embedding = param((c.patches_per_side**2 + 1, d), dtype, (None, "vision_embed"))
+        self.pre_layrnorm = LayerNorm(d, c.layer_norm_eps, dtype, "vision_embed")
+        self.layers = nnx.List([ClipLayer(c, dtype) for _ in range(num_layers)])
+
+    def __call__(self, pixels: jax.Array, feature_layers: tuple[int, ...]) -> jax.Array:
+        """pixels [N, C, S, S] -> hidden states of `feature_layers` concatenated on the last axis."""
+        n, c, s, _ = pixels.shape
+        p, g = self.patch_size, s // self.patch_size
+        patches = pixels.reshape(n, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(n, g * g, c * p * p)
+        x = patches.astype(self.patch_embedding.dtype) @ self.patch_embedding[...]
+        cls = jnp.broadcast_to(self.class_embedding[...], (n, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...]
+        hidden = [self.pre_layrnorm(x)]
+        for layer in self.layers:
+            hidden.append(layer(hidden[-1]))
+        return jnp.concatenate([hidden[i] for i in feature_layers], axis=-1)
+
+
+class Projector(nnx.Module):
+    def __init__(self, cfg: LlavaConfig, dtype):
+        d_in = cfg.vision.hidden_size * len(cfg.feature_layers)
+        d = cfg.text.hidden_size
+        self.act = cfg.projector_act
+        self.linear_1 = Dense(d_in, d, dtype, ("vision_embed", "embed"), cfg.projector_bias)
+        self.linear_2 = (
+            Dense(d, d, dtype, ("embed", "embed_out"), cfg.projector_bias) if cfg.projector == "mlp2x_gelu" else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.linear_1(x)
+        return x if self.linear_2 is None else self.linear_2(_act(self.act, x))
+
+
+# ---------------------------------------------------------------------------------------------- text decoder
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = param((dim,), dtype, ("embed",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * y.astype(x.dtype)  # LLaMA rounds to the input dtype before the weight
+
+
+def rope_frequencies(c: TextConfig) -> jax.Array:
+    """Inverse frequencies [head_dim // 2] with the config's scaling (transformers' rope_type semantics)."""
+    inv = 1.0 / (c.rope_theta ** (jnp.arange(0, c.head_dim, 2, dtype=jnp.float32) / c.head_dim))
+    scaling = dict(c.rope_scaling or ())
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        inv = jnp.where(wavelen > old / lo, inv / factor, jnp.where(wavelen < old / hi, inv, mid))
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x [..., T, H, D] rotated by positions [..., T] (the rotate-half layout of HF LLaMA weights)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [..., T, D/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[..., None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[..., None, :]
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: TextConfig, dtype):
+        d, h, kvh, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = param((d, h, hd), dtype, ("embed", "q_heads", "head_dim"))
+        self.k_proj = param((d, kvh, hd), dtype, ("embed", "kv_heads", "head_dim"))
+        self.v_proj = param((d, kvh, hd), dtype, ("embed", "kv_heads", "head_dim"))
+        self.o_proj = param((h, hd, d), dtype, ("q_heads", "head_dim", "embed"))
+        if c.attention_bias:
+            self.q_bias = param((h, hd), dtype, ("q_heads", "head_dim"))
+            self.k_bias = param((kvh, hd), dtype, ("kv_heads", "head_dim"))
+            self.v_bias = param((kvh, hd), dtype, ("kv_heads", "head_dim"))
+        self.has_bias = c.attention_bias
+
+    def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+        q = jnp.einsum("...d,dhk->...hk", x, self.q_proj[...])
+        k = jnp.einsum("...d,dhk->...hk", x, self.k_proj[...])
+        v = jnp.einsum("...d,dhk->...hk", x, self.v_proj[...])
+        if self.has_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def out(self, attn: jax.Array) -> jax.Array:
+        return jnp.einsum("...hk,hkd->...d", attn, self.o_proj[...])
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: TextConfig, dtype):
+        d, f = c.hidden_size, c.intermediate_size
+        self.gate_proj = Dense(d, f, dtype, ("embed", "mlp"), c.mlp_bias)
+        self.up_proj = Dense(d, f, dtype, ("embed", "mlp"), c.mlp_bias)
+        self.down_proj = Dense(f, d, dtype, ("mlp", "embed"), c.mlp_bias)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: TextConfig, dtype):
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.self_attn = Attention(c, dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.mlp = MLP(c, dtype)
+
+    def prefill(self, x, positions, inv_freq, cache, slots):
+        """x [B, L, D]; writes this chunk's k/v at cache rows `slots`, positions 0..L-1."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, inv_freq)
+        x = x + self.self_attn.out(prefill_attention(q, k, v))
+        k_cache, v_cache = cache
+        for b in range(x.shape[0]):  # B is small and static: one in-place slice update per prompt
+            start = (slots[b], 0, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[b : b + 1].swapaxes(1, 2).astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[b : b + 1].swapaxes(1, 2).astype(v_cache.dtype), start)
+        return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
+
+    def decode(self, x, positions, inv_freq, cache, kv_len: int):
+        """x [S, D], one token per slot at `positions` [S]; attends to cache[:, :, :kv_len]."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x)[:, None], positions[:, None], inv_freq)
+        k_cache, v_cache = cache
+        slot = jnp.arange(x.shape[0])
+        k_cache = k_cache.at[slot, :, positions].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[slot, :, positions].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+        attn = decode_attention(q[:, 0], k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], positions + 1)
+        x = x + self.self_attn.out(attn)
+        return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, c: TextConfig, dtype):
+        self.config = c
+        self.embed_tokens = param((c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(c, dtype) for _ in range(c.num_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.lm_head = None if c.tie_word_embeddings else param((c.hidden_size, c.vocab_size), dtype, ("embed", "vocab"))
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return self.embed_tokens[...][tokens]
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        h = self.norm(h)
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.dot(h, w, preferred_element_type=jnp.float32)
+
+    def prefill(self, x: jax.Array, cache: KVCache, slots: jax.Array) -> tuple[jax.Array, KVCache]:
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        inv_freq = rope_frequencies(self.config)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer.prefill(x, positions, inv_freq, layer_cache, slots)
+            new_cache.append(layer_cache)
+        return x, new_cache
+
+    def decode(self, x: jax.Array, positions: jax.Array, cache: KVCache, kv_len: int) -> tuple[jax.Array, KVCache]:
+        inv_freq = rope_frequencies(self.config)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer.decode(x, positions, inv_freq, layer_cache, kv_len)
+            new_cache.append(layer_cache)
+        return x, new_cache
+
+
+# ------------------------------------------------------------------------------------------------------ LLaVA
+
+
+class Llava(nnx.Module):
+    """LLaVA-1.5 / LLaVA-NeXT. Image features enter the prompt through one gather: `feature_index[b, l]` names
+    the row of the flat feature array that replaces token l of prompt b (-1: keep the token's embedding). All
+    NeXT tiling/unpadding is index math done on the host (`anyres.py`)."""
+
+    def __init__(self, cfg: LlavaConfig, dtype=jnp.float32):
+        self.config = cfg
+        self.vision_tower = ClipVisionTower(cfg.vision, cfg.vision_layers_used, dtype)
+        self.multi_modal_projector = Projector(cfg, dtype)
+        self.image_newline = param((cfg.text.hidden_size,), dtype, ("embed",)) if cfg.anyres else None
+        self.language_model = LlamaModel(cfg.text, dtype)
+
+    def encode_images(self, pixels: jax.Array) -> jax.Array:
+        """pixels [N, C, S, S] tiles -> flat features [N * tokens_per_tile (+1 newline row), D]."""
+        n = self.config.vision.num_layers + 1
+        layers = tuple(i if i >= 0 else n + i for i in self.config.feature_layers)
+        h = self.vision_tower(pixels, layers)
+        if self.config.feature_strategy == "default":
+            h = h[:, 1:]
+        f = self.multi_modal_projector(h).reshape(-1, self.config.text.hidden_size)
+        if self.image_newline is not None:
+            f = jnp.concatenate([f, self.image_newline[...][None].astype(f.dtype)], axis=0)
+        return f
+
+    def embed(self, tokens: jax.Array, features: jax.Array | None, feature_index: jax.Array | None) -> jax.Array:
+        x = self.language_model.embed(jnp.maximum(tokens, 0))
+        if features is None:
+            return x
+        image = features[jnp.maximum(feature_index, 0)].astype(x.dtype)
+        return jnp.where((feature_index >= 0)[..., None], image, x)
+
+    def prefill_hidden(self, tokens, features, feature_index, cache: KVCache, slots) -> tuple[jax.Array, KVCache]:
+        """Runs whole prompts (right-padded [B, L]) into cache rows `slots`; returns the final hidden states."""
+        return self.language_model.prefill(self.embed(tokens, features, feature_index), cache, slots)
+
+    def prefill(self, tokens, features, feature_index, cache: KVCache, slots, last_index):
+        """`prefill_hidden`, then the logits at `last_index` [B] (each prompt's last real token) only."""
+        h, cache = self.prefill_hidden(tokens, features, feature_index, cache, slots)
+        last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]
+        return self.language_model.logits(last), cache
+
+    def decode(self, tokens, positions, cache: KVCache, kv_len: int):
+        x = self.language_model.embed(tokens)
+        h, cache = self.language_model.decode(x, positions, cache, kv_len)
+        return self.language_model.logits(h), cache
+
+
+def init_cache(cfg: TextConfig, num_slots: int, max_len: int, dtype) -> KVCache:
+    shape = (num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]

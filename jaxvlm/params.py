@@ -1,0 +1,247 @@
+"""Checkpoint tensors -> a `Llava` module: name mapping, layout transforms, streaming and placement.
+
+Every supported layout (hub llava-hf, transformers 5.0-5.5 and >= 5.6 saves, original LLaVA with the CLIP tower
+inside or in a separate directory) is first rewritten to one canonical name, then mapped to a parameter path
+with the transform that turns PyTorch's [out, in] weights into our kernels. Tensors stream one at a time from
+`checkpoint.iter_tensors`, are cast on the host and placed straight onto their devices (and shards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvlm import checkpoint
+from jaxvlm.model_config import (
+    CLIP_VIT_L_336,
+    ConfigError,
+    LlavaConfig,
+    detect_format,
+    llava_config_from_hf,
+    llava_config_from_original,
+    read_json,
+)
+from jaxvlm.modeling import Llava
+
+log = logging.getLogger(__name__)
+
+# (prefix in the file, canonical prefix); the first match wins, so longer prefixes come first.
+_PREFIXES = (
+    ("model.vision_tower.vision_tower.vision_model.", "vt."),  # original LLaVA-1.6
+    ("model.vision_tower.vision_model.", "vt."),  # transformers 5.0-5.5
+    ("vision_tower.vision_model.", "vt."),  # hub llava-hf (transformers 4.x)
+    ("model.vision_tower.", "vt."),  # transformers >= 5.6
+    ("vision_model.", "vt."),  # a CLIP checkpoint (original LLaVA-1.5's separate tower)
+    ("language_model.model.", "lm."),
+    ("language_model.lm_head.", "lm.lm_head."),
+    ("model.language_model.", "lm."),
+    ("model.multi_modal_projector.", "proj."),
+    ("multi_modal_projector.", "proj."),
+    ("model.mm_projector.0.", "proj.linear_1."),
+    ("model.mm_projector.2.", "proj.linear_2."),
+    ("model.mm_projector.", "proj.linear_1."),  # mm_projector_type "linear"
+    ("model.image_newline", "newline"),
+    ("image_newline", "newline"),
+    ("lm_head.", "lm.lm_head."),
+    ("model.", "lm."),  # original LLaVA's LLaMA body
+)
+# Tensors that exist in checkpoints but that inference never reads.
+_UNUSED = re.compile(
+    r"^(vt\.post_layernorm\.|text_model\.|logit_scale|visual_projection|text_projection|.*rotary_emb\.inv_freq"
+    r"|.*position_ids$)"
+)
+
+
+def canonical_name(name: str) -> str | None:
+    for prefix, canon in _PREFIXES:
+        if name.startswith(prefix):
+            name = canon + name[len(prefix) :]
+            break
+    return None if _UNUSED.match(name) else name
+
+
+def _dense(w):
+    return w.T
+
+
+def _heads_in(n: int):  # [n*hd, d] -> [d, n, hd]
+    return lambda w: w.reshape(n, -1, w.shape[-1]).transpose(2, 0, 1)
+
+
+def _heads_bias(n: int):
+    return lambda b: b.reshape(n, -1)
+
+
+def _identity(w):
+    return w
+
+
+def target(canon: str, cfg: LlavaConfig) -> tuple[tuple, Callable] | None:
+    """Parameter path and transform for a canonical tensor name; None where the model does not use it."""
+    t = cfg.text
+    if m := re.fullmatch(r"lm\.layers\.(\d+)\.(.+)", canon):
+        i, rest = int(m[1]), m[2]
+        base = ("language_model", "layers", i)
+        table = {
+            "input_layernorm.weight": (("input_layernorm", "scale"), _identity),
+            "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), _identity),
+            "self_attn.q_proj.weight": (("self_attn", "q_proj"), _heads_in(t.num_heads)),
+            "self_attn.k_proj.weight": (("self_attn", "k_proj"), _heads_in(t.num_kv_heads)),
+            "self_attn.v_proj.weight": (("self_attn", "v_proj"), _heads_in(t.num_kv_heads)),
+            "self_attn.o_proj.weight": (("self_attn", "o_proj"), lambda w: w.reshape(w.shape[0], t.num_heads, -1).transpose(1, 2, 0)),
+            "self_attn.q_proj.bias": (("self_attn", "q_bias"), _heads_bias(t.num_heads)),
+            "self_attn.k_proj.bias": (("self_attn", "k_bias"), _heads_bias(t.num_kv_heads)),
+            "self_attn.v_proj.bias": (("self_attn", "v_bias"), _heads_bias(t.num_kv_heads)),
+        }
+        if rest in table:
+            sub, fn = table[rest]
+            return base + sub, fn
+        if m2 := re.fullmatch(r"mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", rest):
+            return base + ("mlp", m2[1], "kernel" if m2[2] == "weight" else "bias"), _dense if m2[2] == "weight" else _identity
+        return None
+    if m := re.fullmatch(r"vt\.encoder\.layers\.(\d+)\.(.+)", canon):
+        i, rest = int(m[1]), m[2]
+        if i >= cfg.vision_layers_used:
+            return None
+        base = ("vision_tower", "layers", i)
+        if m2 := re.fullmatch(r"(layer_norm[12])\.(weight|bias)", rest):
+            return base + (m2[1], "scale" if m2[2] == "weight" else "bias"), _identity
+        if m2 := re.fullmatch(r"(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)\.(weight|bias)", rest):
+            return base + (m2[1], "kernel" if m2[2] == "weight" else "bias"), _dense if m2[2] == "weight" else _identity
+        return None
+    fixed = {
+        "lm.embed_tokens.weight": (("language_model", "embed_tokens"), _identity),
+        "lm.norm.weight": (("language_model", "norm", "scale"), _identity),
+        "lm.lm_head.weight": (("language_model", "lm_head"), _dense),
+        "vt.embeddings.class_embedding": (("vision_tower", "class_embedding"), _identity),
+        "vt.embeddings.patch_embedding.weight": (("vision_tower", "patch_embedding"), lambda w: w.reshape(w.shape[0], -1).T),
+        "vt.embeddings.position_embedding.weight": (("vision_tower", "position_embedding"), _identity),
+        "vt.pre_layrnorm.weight": (("vision_tower", "pre_layrnorm", "scale"), _identity),
+        "vt.pre_layrnorm.bias": (("vision_tower", "pre_layrnorm", "bias"), _identity),
+        "newline": (("image_newline",), _identity),
+    }
+    if canon in fixed:
+        return fixed[canon]
+    if m := re.fullmatch(r"proj\.(linear_[12])\.(weight|bias)", canon):
+        return ("multi_modal_projector", m[1], "kernel" if m[2] == "weight" else "bias"), _dense if m[2] == "weight" else _identity
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    config: LlavaConfig
+    model_dir: Path
+    weight_dirs: tuple[Path, ...]  # every directory whose tensors make up the model (the CLIP dir too)
+
+
+def _vision_tower_dir(source: str, override: str | None) -> Path | None:
+    """The directory of an original checkpoint's CLIP tower, or None when it cannot be had."""
+    source = override or source
+    if Path(source).expanduser().is_dir():
+        return Path(source).expanduser()
+    try:
+        return checkpoint.resolve_model_dir(source)
+    except Exception as e:  # offline, or not a hub id: the caller decides whether it needs the weights
+        log.info("vision tower %s not reachable: %s", source, e)
+        return None
+
+
+def inspect_checkpoint(model_dir: Path, vision_tower_path: str | None = None) -> CheckpointInfo:
+    """Reads the config of a local checkpoint directory of either format."""
+    cfg = read_json(model_dir / "config.json")
+    if detect_format(cfg) == "llava-hf":
+        return CheckpointInfo(llava_config_from_hf(cfg), model_dir, (model_dir,))
+    source = cfg.get("mm_vision_tower") or ""
+    tower_dir = _vision_tower_dir(source, vision_tower_path) if (source or vision_tower_path) else None
+    tower_cfg = read_json(tower_dir / "config.json") if tower_dir and (tower_dir / "config.json").exists() else None
+    if tower_cfg is None:
+        if "clip-vit-large-patch14-336" not in str(source):
+            raise ConfigError(
+                f"{model_dir / 'config.json'}: the vision tower {source!r} (mm_vision_tower) is not reachable; "
+                "pass EngineConfig(vision_tower_path=...) pointing at a local CLIP directory"
+            )
+        tower_cfg = CLIP_VIT_L_336
+    llava = llava_config_from_original(cfg, tower_cfg)
+    names = checkpoint.read_tensor_index(model_dir)
+    tower_inside = any(n.startswith("model.vision_tower.") for n in names)
+    if tower_inside:
+        return CheckpointInfo(llava, model_dir, (model_dir,))
+    if tower_dir is None:
+        raise ConfigError(
+            f"{model_dir} has no vision tower weights and its tower {source!r} is not reachable; "
+            "pass EngineConfig(vision_tower_path=...) pointing at a local CLIP directory"
+        )
+    return CheckpointInfo(llava, model_dir, (model_dir, tower_dir))
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str):
+    """'auto' computes in the checkpoint's own dtype; float16 becomes bfloat16 on TPU (no fast fp16 there)."""
+    name = checkpoint_dtype if dtype == "auto" else dtype
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype {name!r} is not supported (float32, bfloat16, float16)")
+    if name == "float16" and dtype == "auto" and jax.default_backend() == "tpu":
+        name = "bfloat16"
+    return jnp.dtype(name)
+
+
+def iter_model_tensors(info: CheckpointInfo) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(file-name, canonical-name, array) for every tensor the model uses, streamed one at a time."""
+    for d in info.weight_dirs:
+        for name, array in checkpoint.iter_tensors(d):
+            canon = canonical_name(name)
+            if canon is not None:
+                yield name, canon, array
+
+
+def load_model(
+    info: CheckpointInfo,
+    dtype,
+    place: Callable[[tuple, tuple, np.ndarray], jax.Array] | None = None,
+    tensors: Iterator[tuple[str, str, np.ndarray]] | None = None,
+) -> Llava:
+    """Builds the model abstractly, then fills each parameter from the checkpoint's tensors.
+
+    `place(path, axes, host_array)` puts one parameter on its devices (default: the default device); the tensor
+    parallel engine passes one that shards. Missing, unexpected-shape or duplicate tensors are errors that name
+    the tensor.
+    """
+    cfg = info.config
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llava(cfg, dtype)))
+    slots = {path: var for path, var in nnx.to_flat_state(state)}
+    place = place or (lambda path, axes, a: jax.device_put(a))
+    filled: dict[tuple, nnx.Variable] = {}
+    for name, canon, array in tensors if tensors is not None else iter_model_tensors(info):
+        hit = target(canon, cfg)
+        if hit is None:
+            if canon.startswith("vt.encoder.layers.") or canon == "lm.lm_head.weight" and cfg.text.tie_word_embeddings:
+                continue  # layers past the selected feature layer; a tied head saved anyway
+            raise ConfigError(f"unexpected tensor {name!r} in {info.model_dir}")
+        path, transform = hit
+        if path not in slots:
+            raise ConfigError(f"tensor {name!r} has no place in this model config (parameter {'.'.join(map(str, path))})")
+        if path in filled:
+            raise ConfigError(f"tensor {name!r} appears twice in {info.model_dir}")
+        var = slots[path]
+        value = np.asarray(transform(array))
+        if value.shape != var.shape:
+            raise ConfigError(
+                f"tensor {name!r} has shape {tuple(array.shape)}, which does not fit parameter "
+                f"{'.'.join(map(str, path))} of shape {var.shape} (config {info.model_dir / 'config.json'})"
+            )
+        filled[path] = var.replace(value=place(path, var.get_metadata().get("axes"), value.astype(dtype)))
+    missing = [".".join(map(str, p)) for p in slots if p not in filled]
+    if missing:
+        raise ConfigError(f"checkpoint {info.model_dir} lacks tensors for: {', '.join(missing[:8])}"
+                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    return nnx.merge(graphdef, nnx.from_flat_state(list(filled.items())))
