@@ -18,6 +18,7 @@ from jaxvlm.kernels.attention import decode_attention, prefill_attention
 from jaxvlm.model_config import LlavaConfig, TextConfig, VisionTowerConfig
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [slots, kv_heads, max_len, head_dim]
+NEWLINE = -2  # feature_index value of the LLaVA-NeXT image_newline token
 
 
 def param(shape: tuple[int, ...], dtype, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -282,7 +283,8 @@ class LlamaModel(nnx.Module):
 
 class Llava(nnx.Module):
     """LLaVA-1.5 / LLaVA-NeXT. Image features enter the prompt through one gather: `feature_index[b, l]` names
-    the row of the flat feature array that replaces token l of prompt b (-1: keep the token's embedding). All
+    the row of the flat feature array that replaces token l of prompt b (-1: keep the token's embedding;
+    NEWLINE: the image_newline vector). All
     NeXT tiling/unpadding is index math done on the host (`anyres.py`)."""
 
     def __init__(self, cfg: LlavaConfig, dtype=jnp.float32):
@@ -293,23 +295,25 @@ class Llava(nnx.Module):
         self.language_model = LlamaModel(cfg.text, dtype)
 
     def encode_images(self, pixels: jax.Array) -> jax.Array:
-        """pixels [N, C, S, S] tiles -> flat features [N * tokens_per_tile (+1 newline row), D]."""
+        """pixels [N, C, S, S] tiles -> flat features [N * tokens_per_tile, D], tile-major."""
         n = self.config.vision.num_layers + 1
         layers = tuple(i if i >= 0 else n + i for i in self.config.feature_layers)
         h = self.vision_tower(pixels, layers)
         if self.config.feature_strategy == "default":
             h = h[:, 1:]
-        f = self.multi_modal_projector(h).reshape(-1, self.config.text.hidden_size)
-        if self.image_newline is not None:
-            f = jnp.concatenate([f, self.image_newline[...][None].astype(f.dtype)], axis=0)
-        return f
+        return self.multi_modal_projector(h).reshape(-1, self.config.text.hidden_size)
 
     def embed(self, tokens: jax.Array, features: jax.Array | None, feature_index: jax.Array | None) -> jax.Array:
+        """Token embeddings with image features spliced in: feature_index >= 0 takes that feature row,
+        NEWLINE takes `image_newline`, -1 keeps the token."""
         x = self.language_model.embed(jnp.maximum(tokens, 0))
         if features is None:
             return x
         image = features[jnp.maximum(feature_index, 0)].astype(x.dtype)
-        return jnp.where((feature_index >= 0)[..., None], image, x)
+        x = jnp.where((feature_index >= 0)[..., None], image, x)
+        if self.image_newline is not None:
+            x = jnp.where((feature_index == NEWLINE)[..., None], self.image_newline[...].astype(x.dtype), x)
+        return x
 
     def prefill_hidden(self, tokens, features, feature_index, cache: KVCache, slots) -> tuple[jax.Array, KVCache]:
         """Runs whole prompts (right-padded [B, L]) into cache rows `slots`; returns the final hidden states."""

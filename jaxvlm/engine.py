@@ -1,0 +1,197 @@
+"""The engine loop: continuous batching over the runner's fixed cache slots.
+
+Each iteration admits waiting requests into free slots (one batched vision call and one batched prefill), then
+dispatches one decode step for every running slot. Results are read one iteration late: while the device runs
+step n the host processes step n-1 (stop rules, detokenization), so the host never stalls the device. A slot
+that finished is thus decoded once more; that token is simply dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Iterable, Iterator
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvlm import sampling
+from jaxvlm.modeling import NEWLINE
+from jaxvlm.runner import ModelRunner, PrefillBatch
+from jaxvlm.scheduler import EngineRequest, Scheduler, Sequence, Status
+
+log = logging.getLogger(__name__)
+
+LOGPROBS_COMPUTED = 20  # the most top logprobs a request may ask for (GenerationConfig caps it there too)
+
+
+def _slot_params(seq: Sequence) -> sampling.SlotParams:
+    r = seq.request
+    return sampling.SlotParams.from_generation_config(r.gen_config, stop_ids=sorted(r.stop_ids),
+                                                      bad_ids=sorted(r.bad_ids))
+
+
+def _stack_params(rows: list[sampling.SlotParams], total: int) -> sampling.SlotParams:
+    """One SlotParams with a leading batch axis; padding rows repeat row 0 (same seed, same token)."""
+    rows = rows + [rows[0]] * (total - len(rows))
+    width = {f: max(len(getattr(r, f)) for r in rows) for f in ("bad_ids", "stop_ids")}
+    pad = lambda a, w: np.concatenate([a, np.full(w - len(a), -1, np.int32)])
+    return sampling.SlotParams(**{
+        f.name: np.stack([pad(getattr(r, f.name), width[f.name]) if f.name in width else getattr(r, f.name)
+                          for r in rows])
+        for f in dataclasses.fields(sampling.SlotParams)
+    })
+
+
+@dataclasses.dataclass
+class Event:
+    """New tokens of one sequence; `finished` on its last event."""
+
+    seq: Sequence
+    new_ids: list[int]
+    finished: bool
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, session_len: int, max_vision_tiles: int, detokenize=None):
+        self.runner = runner
+        self.session_len = session_len
+        self.max_vision_tiles = max_vision_tiles
+        self.detokenize = detokenize  # ids -> text, for stop strings
+        self.tokens_per_tile = runner.config.tokens_per_tile
+
+    # ----------------------------------------------------------------------------------------- prefill
+
+    def _feature_rows(self, group: list[Sequence]) -> tuple[np.ndarray | None, np.ndarray]:
+        """All tiles of the group stacked for one vision call, and each prompt position's feature row."""
+        rows_of = np.full((len(group), max(s.prompt_len for s in group)), -1, np.int32)
+        tiles, first_tile = [], 0
+        for b, seq in enumerate(group):
+            for im in seq.request.images:
+                n = im.pixel_values.shape[0]
+                local = np.asarray(im.layout)
+                newline = local == n * self.tokens_per_tile
+                rows = np.where(newline, NEWLINE, local + first_tile * self.tokens_per_tile)
+                rows_of[b, im.start : im.start + len(local)] = rows
+                tiles.append(im.pixel_values)
+                first_tile += n
+        return (np.concatenate(tiles).astype(np.float32) if tiles else None), rows_of
+
+    def _prefill(self, group: list[Sequence]) -> sampling.SampleOutput:
+        buckets = self.runner.buckets
+        length = buckets.prefill_length(max(s.prompt_len for s in group))
+        members = group + [group[0]] * (buckets.prefill_batch(len(group), length) - len(group))
+        pixels, rows_of = self._feature_rows(group)
+        tokens = np.zeros((len(members), length), np.int32)
+        index = np.full((len(members), length), -1, np.int32)
+        for b, seq in enumerate(group):
+            ids = seq.request.token_ids
+            tokens[b, : len(ids)] = np.maximum(ids, 0)
+            index[b, : len(ids)] = rows_of[b, : len(ids)]
+        tokens[len(group) :], index[len(group) :] = tokens[0], index[0]
+        # The repetition penalty counts the prompt's text tokens only.
+        in_prompt = np.arange(length)[None, :] < np.asarray([s.prompt_len for s in members])[:, None]
+        seen = np.where(in_prompt & (index == -1), tokens, -1)
+        batch = PrefillBatch(
+            tokens=jnp.asarray(tokens),
+            feature_index=jnp.asarray(index),
+            slots=jnp.asarray([s.slot for s in members], jnp.int32),
+            lengths=jnp.asarray([s.prompt_len for s in members], jnp.int32),
+            min_new=jnp.asarray([s.request.gen_config.min_new_tokens or 0 for s in members], jnp.int32),
+            params=_stack_params([_slot_params(s) for s in group], len(members)),
+            seen_ids=jnp.asarray(seen),
+        )
+        features = None if pixels is None else self.runner.encode_images(pixels)
+        return self.runner.prefill(batch, features, self._num_logprobs(group))
+
+    @staticmethod
+    def _num_logprobs(seqs) -> int:
+        return LOGPROBS_COMPUTED if any(s.request.gen_config.logprobs for s in seqs) else 0
+
+    # ----------------------------------------------------------------------------------------- results
+
+    def _append(self, sched: Scheduler, seq: Sequence, token: int, logprob_row) -> Event | None:
+        if seq.status != Status.RUNNING:
+            return None
+        g = seq.request.gen_config
+        n = len(seq.output_ids)
+        min_new = g.min_new_tokens or 0
+        if token in seq.request.stop_ids and n >= min_new:
+            sched.finish(seq, "stop")
+            return Event(seq, [], True)
+        seq.output_ids.append(token)
+        if logprob_row is not None and g.logprobs:
+            ids, lps = logprob_row
+            seq.logprobs.append({int(i): float(p) for i, p in zip(ids[: g.logprobs], lps[: g.logprobs])})
+        if seq.request.stop_strings and self.detokenize is not None:
+            text = self.detokenize(seq.output_ids)
+            if any(s in text for s in seq.request.stop_strings):
+                sched.finish(seq, "stop")
+                return Event(seq, [token], True)
+        if len(seq.output_ids) >= seq.max_new_tokens:
+            sched.finish(seq, "length")
+            return Event(seq, [token], True)
+        return Event(seq, [token], False)
+
+    def _process(self, sched: Scheduler, owners: list[Sequence | None], out: sampling.SampleOutput) -> list[Event]:
+        tokens = np.asarray(out.tokens)
+        top = None
+        if out.top_ids.shape[-1]:
+            top_ids, top_lp = np.asarray(out.top_ids), np.asarray(out.top_logprobs)
+        events = []
+        for row, seq in enumerate(owners):
+            if seq is None:
+                continue
+            if out.top_ids.shape[-1]:
+                top = (top_ids[row], top_lp[row])
+            ev = self._append(sched, seq, int(tokens[row]), top)
+            if ev is not None:
+                events.append(ev)
+        return events
+
+    # ----------------------------------------------------------------------------------------- loop
+
+    def generate(self, requests: Iterable[EngineRequest], num_slots: int | None = None) -> Iterator[Event]:
+        """Runs requests to completion, yielding token events as results arrive (requests stream in lazily)."""
+        r = self.runner
+        sched = Scheduler(r.buckets.num_slots, self.session_len, r.buckets.max_prefill_tokens, self.max_vision_tiles)
+        incoming = iter(requests)
+        exhausted = False
+        pending: collections.deque = collections.deque()
+        while True:
+            # Keep the queue just deep enough to fill free slots, so huge inputs are never held whole.
+            while not exhausted and len(sched.waiting) < max(1, len(sched.free_slots)):
+                req = next(incoming, None)
+                if req is None:
+                    exhausted = True
+                    break
+                seq = sched.add(req)
+                if seq.status == Status.FINISHED:
+                    yield Event(seq, [], True)
+            if not sched.has_work() and not pending:
+                if exhausted:
+                    return
+                continue
+            dispatched = False
+            group = sched.admit(r.buckets.prefill_length)
+            if group:
+                pending.append((list(group), self._prefill(group)))
+                dispatched = True
+            running = [s for s in sched.running.values() if s.status == Status.RUNNING]
+            if running:
+                owners: list[Sequence | None] = [None] * r.buckets.num_slots
+                for s in running:
+                    owners[s.slot] = s
+                    s.decode_dispatched += 1
+                longest = max(s.prompt_len + s.decode_dispatched for s in running)
+                greedy = not any(s.request.gen_config.do_sample for s in running)
+                pending.append((owners, r.decode(longest, greedy, self._num_logprobs(running))))
+                dispatched = True
+            while pending and (len(pending) > 2 or not dispatched):
+                owners, out = pending.popleft()
+                yield from self._process(sched, owners, out)
+            if not dispatched and not pending and not sched.waiting and exhausted and not sched.running:
+                return
+
+

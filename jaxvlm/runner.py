@@ -1,0 +1,166 @@
+"""The model runner: device-resident state and the jitted steps (vision, prefill, decode).
+
+Everything that changes per step lives on the device: the KV cache, each slot's last token, position, step
+count and sampling settings. The host only chooses shapes (buckets) and reads back the sampled tokens, so a
+decode step sends nothing to the device. The NNX model is split once into a graph definition and a state
+pytree; the jitted functions are pure and merge it back while tracing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvlm import sampling
+from jaxvlm.modeling import KVCache, Llava, init_cache
+
+log = logging.getLogger(__name__)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    tokens: jax.Array  # i32[S] last token of each slot: the next decode input
+    positions: jax.Array  # i32[S] where that token goes in the cache
+    steps: jax.Array  # i32[S] tokens generated so far (the RNG step of a seeded request)
+    min_new: jax.Array  # i32[S] stop ids are banned while steps < min_new
+    sampling: sampling.SamplingState
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefillBatch:
+    """A padded batch of prompts; rows past the real ones repeat row 0, so they rewrite identical values."""
+
+    tokens: jax.Array  # i32[B, L]
+    feature_index: jax.Array  # i32[B, L] row of the image features replacing each token, -1 for text
+    slots: jax.Array  # i32[B]
+    lengths: jax.Array  # i32[B]
+    min_new: jax.Array  # i32[B]
+    params: sampling.SlotParams  # per row, leading dim B
+    seen_ids: jax.Array  # i32[B, L] prompt ids for the repetition penalty (-1 padding)
+
+
+def _pow2_at_least(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+@dataclasses.dataclass
+class Buckets:
+    """The shapes programs are compiled for; every request is padded up to one of them."""
+
+    max_len: int  # cache length per slot (session_len)
+    max_prefill_tokens: int
+    num_slots: int
+    prefill_lengths: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.prefill_lengths:
+            lengths, n = [], 32
+            while n < self.max_len:
+                lengths.append(n)
+                n *= 2
+            self.prefill_lengths = tuple(lengths) + (self.max_len,)
+
+    def prefill_length(self, n: int) -> int:
+        return next(b for b in self.prefill_lengths if b >= n)
+
+    def prefill_batch(self, n: int, length: int) -> int:
+        cap = max(1, self.max_prefill_tokens // length)
+        return min(_pow2_at_least(n), _pow2_at_least(cap) if _pow2_at_least(cap) <= cap else _pow2_at_least(cap) // 2)
+
+    def kv_length(self, longest: int) -> int:
+        return min(self.max_len, _pow2_at_least(longest, 64))
+
+    def tiles(self, n: int) -> int:
+        return _pow2_at_least(n)
+
+
+class ModelRunner:
+    def __init__(self, model: Llava, num_slots: int, max_len: int, cache_dtype, max_prefill_tokens: int = 8192,
+                 prefill_lengths: Sequence[int] = (), shard: Callable | None = None):
+        self.config = model.config
+        self.graphdef, self.params = nnx.split(model)
+        self.buckets = Buckets(max_len, max_prefill_tokens, num_slots, tuple(prefill_lengths))
+        vocab = self.config.text.vocab_size
+        self.cache: KVCache = init_cache(self.config.text, num_slots, max_len, cache_dtype)
+        zeros = lambda: jnp.zeros((num_slots,), jnp.int32)  # distinct buffers: each is donated
+        self.state = DecodeState(zeros(), zeros(), zeros(), zeros(), sampling.init_state(num_slots, vocab))
+        if shard is not None:
+            self.cache, self.state = shard(self.cache, self.state)
+        self.compiled: set[tuple] = set()
+        self._encode = jax.jit(self._encode_fn)
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_logprobs",), donate_argnames=("cache", "state"))
+        self._decode = jax.jit(
+            self._decode_fn, static_argnames=("kv_len", "greedy_only", "num_logprobs"), donate_argnames=("cache", "state")
+        )
+
+    # ------------------------------------------------------------------------------------------ pure steps
+
+    def _encode_fn(self, params, pixels):
+        return nnx.merge(self.graphdef, params).encode_images(pixels)
+
+    def _prefill_fn(self, params, cache, state: DecodeState, batch: PrefillBatch, features, *, num_logprobs: int):
+        model = nnx.merge(self.graphdef, params)
+        logits, cache = model.prefill(batch.tokens, features, batch.feature_index, cache, batch.slots, batch.lengths - 1)
+        sstate = state.sampling
+        for b in range(batch.tokens.shape[0]):
+            row = jax.tree.map(lambda a: a[b], batch.params)
+            sstate = sampling.set_slot(sstate, batch.slots[b], row, batch.seen_ids[b])
+        rows = jax.tree.map(lambda a: a[batch.slots], sstate)
+        zeros = jnp.zeros_like(batch.slots)
+        out, rows = sampling.sample(logits, rows, zeros, batch.min_new > 0, greedy_only=False, num_logprobs=num_logprobs)
+        sstate = jax.tree.map(lambda a, r: a.at[batch.slots].set(r), sstate, rows)
+        state = DecodeState(
+            tokens=state.tokens.at[batch.slots].set(out.tokens),
+            positions=state.positions.at[batch.slots].set(batch.lengths),
+            steps=state.steps.at[batch.slots].set(1),
+            min_new=state.min_new.at[batch.slots].set(batch.min_new),
+            sampling=sstate,
+        )
+        return cache, state, out
+
+    def _decode_fn(self, params, cache, state: DecodeState, *, kv_len: int, greedy_only: bool, num_logprobs: int):
+        model = nnx.merge(self.graphdef, params)
+        logits, cache = model.decode(state.tokens, state.positions, cache, kv_len)
+        ban_stop = state.steps < state.min_new
+        out, sstate = sampling.sample(logits, state.sampling, state.steps, ban_stop, greedy_only=greedy_only,
+                                      num_logprobs=num_logprobs)
+        state = DecodeState(out.tokens, state.positions + 1, state.steps + 1, state.min_new, sstate)
+        return cache, state, out
+
+    # ------------------------------------------------------------------------------------------ host side
+
+    def _note_compile(self, key: tuple) -> None:
+        if key not in self.compiled:
+            self.compiled.add(key)
+            log.info("compiling %s (%d programs so far)", key, len(self.compiled))
+
+    def encode_images(self, pixels: np.ndarray) -> jax.Array:
+        """Tiles [N, C, S, S] -> flat features, padded to a tile bucket; returns the padded feature rows."""
+        n = pixels.shape[0]
+        padded = self.buckets.tiles(n)
+        if padded > n:
+            pixels = np.concatenate([pixels, np.zeros((padded - n, *pixels.shape[1:]), pixels.dtype)])
+        self._note_compile(("vision", padded))
+        return self._encode(self.params, jnp.asarray(pixels))
+
+    def prefill(self, batch: PrefillBatch, features: jax.Array | None, num_logprobs: int) -> sampling.SampleOutput:
+        self._note_compile(("prefill", *batch.tokens.shape, features is not None and features.shape[0], num_logprobs))
+        self.cache, self.state, out = self._prefill(self.params, self.cache, self.state, batch, features,
+                                                    num_logprobs=num_logprobs)
+        return out
+
+    def decode(self, longest: int, greedy_only: bool, num_logprobs: int) -> sampling.SampleOutput:
+        kv_len = self.buckets.kv_length(longest)
+        self._note_compile(("decode", kv_len, greedy_only, num_logprobs))
+        self.cache, self.state, out = self._decode(self.params, self.cache, self.state, kv_len=kv_len,
+                                                   greedy_only=greedy_only, num_logprobs=num_logprobs)
+        return out

@@ -1,0 +1,119 @@
+"""Requests, sequences and the scheduler that gives them cache slots.
+
+A request waits until a slot is free, is prefilled together with others (up to the prefill token budget), then
+decodes one token per step until a stop rule ends it and its slot returns to the pool. Requests that cannot
+fit are refused alone, before they take a slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import deque
+
+import numpy as np
+
+from jaxvlm.config import GenerationConfig
+
+
+@dataclasses.dataclass
+class ImageInput:
+    """One image of a prompt, ready for the vision tower."""
+
+    pixel_values: np.ndarray  # f32 [tiles, C, S, S]
+    layout: np.ndarray  # i32 [k]: rows of this image's features (tiles * tokens_per_tile, then newline)
+    start: int  # the position in the prompt where its k feature tokens begin
+
+
+@dataclasses.dataclass
+class EngineRequest:
+    index: int
+    token_ids: np.ndarray  # i32 [L]; image positions hold any id (their embeddings are replaced)
+    images: list[ImageInput]
+    gen_config: GenerationConfig
+    stop_ids: frozenset[int] = frozenset()  # end generation, not part of the output
+    stop_strings: tuple[str, ...] = ()  # multi-token stop words, matched on the decoded text
+    bad_ids: frozenset[int] = frozenset()  # never generated
+    error: str | None = None  # failed before reaching the engine (bad image, template error, ...)
+
+
+class Status(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    request: EngineRequest
+    max_new_tokens: int
+    truncated_by_session: bool  # max_new_tokens was cut to fit session_len
+    status: Status = Status.WAITING
+    slot: int = -1
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    decode_dispatched: int = 0  # decode steps sent to the device for this sequence
+    finish_reason: str | None = None
+    error_message: str | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.token_ids)
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(im.pixel_values.shape[0] for im in self.request.images)
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, session_len: int, max_prefill_tokens: int, max_prefill_tiles: int | None):
+        self.session_len = session_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tiles = max_prefill_tiles
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}
+
+    def add(self, request: EngineRequest) -> Sequence:
+        """Queues a request, or returns it already finished when it cannot run at all."""
+        g = request.gen_config
+        room = self.session_len - len(request.token_ids)
+        wanted = room if g.max_new_tokens is None else g.max_new_tokens
+        seq = Sequence(request, max_new_tokens=max(0, min(wanted, room)), truncated_by_session=wanted > room)
+        if request.error is not None:
+            self.finish(seq, "error", request.error)
+        elif room < 0:
+            self.finish(seq, "error", f"the prompt has {len(request.token_ids)} tokens, more than session_len "
+                                      f"{self.session_len}; raise EngineConfig(session_len=...) or shorten it")
+        elif seq.max_new_tokens == 0:
+            self.finish(seq, "length")
+        else:
+            self.waiting.append(seq)
+        return seq
+
+    def admit(self, length_bucket) -> list[Sequence]:
+        """Takes waiting sequences into free slots, as many as one prefill batch holds (FIFO)."""
+        group: list[Sequence] = []
+        longest = tiles = 0
+        while self.waiting and self.free_slots:
+            seq = self.waiting[0]
+            new_longest = max(longest, seq.prompt_len)
+            cost = length_bucket(new_longest) * (len(group) + 1)
+            too_many_tiles = self.max_prefill_tiles is not None and tiles + seq.num_tiles > self.max_prefill_tiles
+            if group and (cost > self.max_prefill_tokens or too_many_tiles):
+                break
+            self.waiting.popleft()
+            seq.slot, seq.status = self.free_slots.pop(), Status.RUNNING
+            self.running[seq.slot] = seq
+            group.append(seq)
+            longest, tiles = new_longest, tiles + seq.num_tiles
+        return group
+
+    def finish(self, seq: Sequence, reason: str, message: str | None = None) -> None:
+        if seq.status == Status.RUNNING:
+            del self.running[seq.slot]
+            self.free_slots.append(seq.slot)
+        seq.status, seq.finish_reason, seq.error_message = Status.FINISHED, reason, message
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
