@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from jaxvlm import sampling
+from jaxvlm import sampling, sharding
 from jaxvlm.modeling import KVCache, Llava, init_cache
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,9 @@ class Buckets:
         return next(b for b in self.prefill_lengths if b >= n)
 
     def prefill_batch(self, n: int, length: int) -> int:
+        """Rows of a prefill of n prompts padded to `length`: a power of two within the token budget."""
         cap = max(1, self.max_prefill_tokens // length)
-        return min(_pow2_at_least(n), _pow2_at_least(cap) if _pow2_at_least(cap) <= cap else _pow2_at_least(cap) // 2)
+        return min(_pow2_at_least(n), 1 << (cap.bit_length() - 1))
 
     def kv_length(self, longest: int) -> int:
         return min(self.max_len, _pow2_at_least(longest, 64))
@@ -85,7 +87,7 @@ class Buckets:
 
 class ModelRunner:
     def __init__(self, model: Llava, num_slots: int, max_len: int, cache_dtype, max_prefill_tokens: int = 8192,
-                 prefill_lengths: Sequence[int] = (), shard: Callable | None = None):
+                 prefill_lengths: Sequence[int] = (), mesh: Mesh | None = None):
         self.config = model.config
         self.graphdef, self.params = nnx.split(model)
         self.buckets = Buckets(max_len, max_prefill_tokens, num_slots, tuple(prefill_lengths))
@@ -93,8 +95,12 @@ class ModelRunner:
         self.cache: KVCache = init_cache(self.config.text, num_slots, max_len, cache_dtype)
         zeros = lambda: jnp.zeros((num_slots,), jnp.int32)  # distinct buffers: each is donated
         self.state = DecodeState(zeros(), zeros(), zeros(), zeros(), sampling.init_state(num_slots, vocab))
-        if shard is not None:
-            self.cache, self.state = shard(self.cache, self.state)
+        self._constrain = lambda cache, state: (cache, state)
+        if mesh is not None:
+            shardings = sharding.state_shardings(mesh, self.config.text.num_kv_heads, self.cache, self.state)
+            self.cache, self.state = jax.device_put((self.cache, self.state), shardings)
+            # Pin the outputs to the inputs' layout so donation reuses the buffers in place.
+            self._constrain = lambda cache, state: jax.lax.with_sharding_constraint((cache, state), shardings)
         self.compiled: set[tuple] = set()
         self._encode = jax.jit(self._encode_fn)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_logprobs",), donate_argnames=("cache", "state"))
@@ -125,6 +131,7 @@ class ModelRunner:
             min_new=state.min_new.at[batch.slots].set(batch.min_new),
             sampling=sstate,
         )
+        cache, state = self._constrain(cache, state)
         return cache, state, out
 
     def _decode_fn(self, params, cache, state: DecodeState, *, kv_len: int, greedy_only: bool, num_logprobs: int):
@@ -134,6 +141,7 @@ class ModelRunner:
         out, sstate = sampling.sample(logits, state.sampling, state.steps, ban_stop, greedy_only=greedy_only,
                                       num_logprobs=num_logprobs)
         state = DecodeState(out.tokens, state.positions + 1, state.steps + 1, state.min_new, sstate)
+        cache, state = self._constrain(cache, state)
         return cache, state, out
 
     # ------------------------------------------------------------------------------------------ host side

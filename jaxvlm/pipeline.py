@@ -1,0 +1,233 @@
+"""`pipeline()`: LMDeploy's VLM pipeline API on top of the jaxvlm engine.
+
+Prompts are normalised (`prompts.py`), rendered with a chat template, tokenized and their images loaded and
+preprocessed on a thread pool (`processor.py`), then streamed through the engine (`engine.py`), whose token
+events become `Response`s here. A request that fails (bad image, too long, ...) comes back as a Response with
+finish_reason='error'; the others are unaffected.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from jaxvlm.chat_template import ChatTemplateConfig
+from jaxvlm.config import EngineConfig, GenerationConfig, Response, VisionConfig
+from jaxvlm.engine import Engine, Event
+from jaxvlm.model_loader import LoadedModel, load
+from jaxvlm.prompts import Conversation, normalize_prompt, split_batch
+from jaxvlm.scheduler import EngineRequest
+
+log = logging.getLogger(__name__)
+
+_LMDEPLOY_PIPELINE_ONLY = {"log_level", "max_log_len", "speculative_config", "model_name", "tokenizer_path"}
+_PREFETCH = 64  # requests prepared ahead of the engine (bounded, so huge batches stream)
+
+
+@dataclasses.dataclass
+class Session:
+    """A multi-turn chat: pass it back to `Pipeline.chat` to continue (earlier images are kept)."""
+
+    messages: list[dict] = dataclasses.field(default_factory=list)
+    images: list = dataclasses.field(default_factory=list)
+    response: Response | None = None
+
+    @property
+    def history(self) -> list[tuple[str, str]]:
+        """(user text, assistant text) pairs, like LMDeploy's Session.history."""
+        turns, user = [], None
+        for m in self.messages:
+            if m["role"] == "user":
+                user = m["content"]
+            elif m["role"] == "assistant" and user is not None:
+                turns.append((user, m["content"]))
+                user = None
+        return turns
+
+
+class Pipeline:
+    def __init__(self, model_path: str, backend_config: EngineConfig | None = None,
+                 chat_template_config: ChatTemplateConfig | None = None, vision_config: VisionConfig | None = None,
+                 **kwargs: Any):
+        unknown = set(kwargs) - _LMDEPLOY_PIPELINE_ONLY
+        if unknown:
+            raise TypeError(f"pipeline() got unexpected keyword arguments {sorted(unknown)}")
+        if kwargs:
+            warnings.warn(f"pipeline(): ignoring LMDeploy-only arguments {sorted(kwargs)}", stacklevel=3)
+        if backend_config is not None and not isinstance(backend_config, EngineConfig):
+            raise TypeError(f"backend_config must be an EngineConfig (TurbomindEngineConfig), got "
+                            f"{type(backend_config).__name__}")
+        self.engine_config = backend_config or EngineConfig()
+        self.vision_config = vision_config or VisionConfig()
+        self.model: LoadedModel = load(model_path, self.engine_config, chat_template_config)
+        self.processor = self.model.processor
+        self.engine = Engine(self.model.runner, self.model.session_len, self.vision_config.max_batch_size,
+                             detokenize=self._decode_ids)
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def _gen_configs(self, gen_config, n: int) -> list[GenerationConfig]:
+        if gen_config is None:
+            return [GenerationConfig()] * n
+        if isinstance(gen_config, GenerationConfig):
+            return [gen_config] * n
+        if isinstance(gen_config, (list, tuple)):
+            if len(gen_config) != n:
+                raise ValueError(f"gen_config has {len(gen_config)} entries for {n} prompts")
+            if not all(isinstance(g, GenerationConfig) for g in gen_config):
+                raise TypeError("gen_config entries must be GenerationConfig")
+            return list(gen_config)
+        raise TypeError(f"gen_config must be a GenerationConfig or a list of them, got {type(gen_config).__name__}")
+
+    def _prepare(self, index: int, conv: Conversation | Exception, gen: GenerationConfig) -> EngineRequest:
+        """Everything host-side for one request; any failure becomes that request's error."""
+        try:
+            if isinstance(conv, Exception):
+                raise conv
+            return self.processor.make_request(index, conv, gen)
+        except Exception as e:  # noqa: BLE001 - one bad request must not cost the batch
+            return EngineRequest(index, np.zeros(0, np.int32), [], gen, error=f"{type(e).__name__}: {e}")
+
+    def _requests(self, items: Iterable[tuple[int, Conversation | Exception, GenerationConfig]]
+                  ) -> Iterator[EngineRequest]:
+        """Prepares requests on a thread pool (images load concurrently), in order, a bounded window ahead."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="jaxvlm-prep") as pool:
+            window: collections.deque = collections.deque()
+            for item in items:
+                window.append(pool.submit(self._prepare, *item))
+                if len(window) >= _PREFETCH:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+
+    def _decode_ids(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _response(self, event: Event, text: str) -> Response:
+        seq = event.seq
+        req = seq.request
+        return Response(
+            text=text,
+            generate_token_len=len(seq.output_ids),
+            input_token_len=len(req.token_ids),
+            finish_reason=seq.finish_reason,
+            token_ids=list(seq.output_ids),
+            logprobs=list(seq.logprobs) if req.gen_config.logprobs else None,
+            index=req.index,
+            error_message=seq.error_message,
+        )
+
+    def _final_text(self, event: Event) -> str:
+        seq = event.seq
+        g = seq.request.gen_config
+        text = self._decode_ids(seq.output_ids, g.skip_special_tokens)
+        for stop in seq.request.stop_strings:  # a stop string ends the text, as LMDeploy's stop words do
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    def _items(self, prompts, gen_config):
+        single_list, was_batch = ([prompts], False) if isinstance(prompts, Conversation) else split_batch(prompts)
+        gens = self._gen_configs(gen_config, len(single_list))
+        convs: list[Conversation | Exception] = []
+        for p in single_list:
+            try:
+                convs.append(p if isinstance(p, Conversation) else normalize_prompt(p))
+            except ValueError as e:
+                if not was_batch:
+                    raise
+                convs.append(e)  # in a batch, a malformed prompt fails alone
+        return [(i, c, g) for i, (c, g) in enumerate(zip(convs, gens))], was_batch
+
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("this pipeline is closed")
+
+    # ------------------------------------------------------------------------------------------ public API
+
+    def infer(self, prompts, gen_config=None, use_tqdm: bool = False, **kwargs) -> Response | list[Response]:
+        self._check_open()
+        items, was_batch = self._items(prompts, gen_config)
+        results: list[Response | None] = [None] * len(items)
+        bar = _progress(len(items)) if use_tqdm else None
+        for event in self.engine.generate(self._requests(items)):
+            if event.finished:
+                results[event.seq.request.index] = self._response(event, self._final_text(event))
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return results if was_batch else results[0]
+
+    __call__ = infer
+    batch_infer = infer
+
+    def stream_infer(self, prompts, gen_config=None, **kwargs) -> Iterator[Response]:
+        """Yields Response deltas: `text`/`token_ids` are the new part, `index` names the prompt."""
+        self._check_open()
+        items, _ = self._items(prompts, gen_config)
+        shown: dict[int, str] = {}
+        for event in self.engine.generate(self._requests(items)):
+            idx = event.seq.request.index
+            g = event.seq.request.gen_config
+            text = self._final_text(event) if event.finished else self._decode_ids(event.seq.output_ids,
+                                                                                    g.skip_special_tokens)
+            if not event.finished and text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for the rest of the character
+            if event.seq.request.stop_strings and not event.finished:
+                continue  # text near a stop string may yet be cut; emit it at the end
+            prev = shown.get(idx, "")
+            delta = text[len(prev):] if text.startswith(prev) else text
+            shown[idx] = text
+            resp = self._response(event, delta)
+            resp.token_ids = list(event.new_ids)
+            if not event.finished:
+                resp.finish_reason = None
+            yield resp
+
+    def chat(self, prompt, session: Session | None = None, gen_config: GenerationConfig | None = None,
+             **kwargs) -> Session:
+        """One turn of a conversation; returns the session with `.response` set and the turn recorded."""
+        self._check_open()
+        session = session or Session()
+        turn = normalize_prompt(prompt)
+        conv = Conversation(messages=session.messages + turn.messages, images=session.images + turn.images)
+        response = self.infer(conv, gen_config)
+        if response.finish_reason != "error":
+            session.messages = conv.messages + [{"role": "assistant", "content": response.text}]
+            session.images = conv.images
+        session.response = response
+        return session
+
+
+def pipeline(model_path: str, backend_config: EngineConfig | None = None,
+             chat_template_config: ChatTemplateConfig | None = None, vision_config: VisionConfig | None = None,
+             **kwargs: Any) -> Pipeline:
+    """Loads a LLaVA checkpoint (local dir, hub id or jaxvlm checkpoint) and returns a Pipeline."""
+    return Pipeline(model_path, backend_config, chat_template_config, vision_config, **kwargs)
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req")

@@ -1,0 +1,145 @@
+"""Prompt -> engine request: chat template, tokenization, image loading and preprocessing, stop rules.
+
+Each checkpoint format is tokenized the way its own reference does it: llava-hf expands `<image>` into one
+token per feature and tokenizes the whole string (as `LlavaProcessor` does); original LLaVA tokenizes the text
+between images separately and splices the features in (`tokenizer_image_token` in haotian-liu/LLaVA).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from jaxvlm import vl
+from jaxvlm.chat_template import ChatTemplate
+from jaxvlm.config import GenerationConfig
+from jaxvlm.image_processing import ImageProcessor, ProcessedImage
+from jaxvlm.model_config import LlavaConfig, read_json
+from jaxvlm.prompts import Conversation
+from jaxvlm.scheduler import EngineRequest, ImageInput
+
+log = logging.getLogger(__name__)
+
+
+class InputProcessor:
+    def __init__(self, config: LlavaConfig, tokenizer, image_processor: ImageProcessor, template: ChatTemplate,
+                 eos_ids: set[int]):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template
+        self.eos_ids = frozenset(eos_ids)
+        if config.image_token_index is not None:
+            self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_index)
+
+    @classmethod
+    def from_checkpoint(cls, config: LlavaConfig, model_dir: Path, tokenizer_dir: Path, tower_dir: Path | None,
+                        template: ChatTemplate) -> "InputProcessor":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        raw = read_json(model_dir / "config.json")
+        if config.checkpoint_format == "llava-hf":
+            pre = model_dir / "preprocessor_config.json"
+            if not pre.exists():
+                pre = model_dir / "processor_config.json"
+            pre_cfg = read_json(pre)
+            pre_cfg = pre_cfg.get("image_processor", pre_cfg)
+            images = ImageProcessor.from_hf(pre_cfg, raw)
+        else:
+            clip_pre = tower_dir / "preprocessor_config.json" if tower_dir else None
+            images = ImageProcessor.from_original(raw, read_json(clip_pre) if clip_pre and clip_pre.exists() else None)
+        eos = set()
+        for source in (raw, raw.get("text_config") or {}, _maybe_json(model_dir / "generation_config.json")):
+            e = source.get("eos_token_id")
+            eos.update(e if isinstance(e, list) else [e] if e is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        return cls(config, tokenizer, images, template, eos)
+
+    # -------------------------------------------------------------------------------------- tokens
+
+    def _tokenize(self, prompt: str, counts: list[int]) -> tuple[list[int], list[int]]:
+        """Token ids of the rendered prompt, and where each image's feature run starts."""
+        parts = prompt.split(vl.IMAGE_TOKEN)
+        if len(parts) - 1 != len(counts):
+            raise ValueError(f"the rendered prompt has {len(parts) - 1} image markers for {len(counts)} images")
+        if self.config.checkpoint_format == "llava-hf":
+            text = parts[0] + "".join(self.image_token * n + p for n, p in zip(counts, parts[1:]))
+            ids = self.tokenizer(text).input_ids
+            marks = np.flatnonzero(np.asarray(ids) == self.config.image_token_index)
+            starts = [int(m) for i, m in enumerate(marks) if i == 0 or marks[i - 1] != m - 1]
+            if [int(np.sum(np.asarray(ids)[s : s + n] == self.config.image_token_index)) for s, n in
+                    zip(starts, counts)] != counts:
+                raise ValueError("the prompt text itself contains the model's image token; remove it")
+            return ids, starts
+        ids, starts = [], []
+        bos = self.tokenizer.bos_token_id
+        for i, part in enumerate(parts):
+            chunk = self.tokenizer(part).input_ids
+            if i == 0 and chunk[:1] == [bos]:
+                ids.append(bos)
+            ids.extend(chunk[1:] if chunk[:1] == [bos] else chunk)
+            if i < len(counts):
+                starts.append(len(ids))
+                ids.extend([0] * counts[i])
+        return ids, starts
+
+    def stop_rules(self, g: GenerationConfig) -> tuple[frozenset[int], tuple[str, ...], frozenset[int]]:
+        """(stop ids, multi-token stop strings, banned ids). Single-token words become ids (fast path)."""
+        stop = set(g.stop_token_ids or ())
+        if not g.ignore_eos:
+            stop |= self.eos_ids
+        strings = []
+        for word in [*(g.stop_words or ()), *(self.template.stop_words or ())]:
+            ids = self.tokenizer.encode(word, add_special_tokens=False)
+            if len(ids) == 1:
+                stop.add(ids[0])
+            elif word:
+                strings.append(word)
+        bad = set(g.bad_token_ids or ())
+        for word in g.bad_words or ():
+            ids = self.tokenizer.encode(word, add_special_tokens=False)
+            if len(ids) == 1:
+                bad.add(ids[0])
+            else:
+                warnings.warn(f"bad word {word!r} is {len(ids)} tokens; only single-token bad words are banned")
+        return frozenset(stop), tuple(strings), frozenset(bad)
+
+    # -------------------------------------------------------------------------------------- images
+
+    def preprocess_image(self, image: Image.Image) -> tuple[ProcessedImage, np.ndarray]:
+        processed = self.image_processor(image)
+        layout = self.image_processor.layout(
+            processed, self.config.vision.patches_per_side, self.config.tokens_per_tile, self.config.anyres
+        )
+        return processed, layout
+
+    # -------------------------------------------------------------------------------------- request
+
+    def make_request(self, index: int, conv: Conversation, gen: GenerationConfig,
+                     images: list[Image.Image] | None = None) -> EngineRequest:
+        """`images`: the conversation's images already loaded (else they are loaded here)."""
+        if images is None:
+            images = [vl.load_image(src) for src in conv.images]
+        processed = [self.preprocess_image(im) for im in images]
+        prompt = self.template.render(conv.messages)
+        ids, starts = self._tokenize(prompt, [len(layout) for _, layout in processed])
+        stop, strings, bad = self.stop_rules(gen)
+        return EngineRequest(
+            index=index,
+            token_ids=np.asarray(ids, np.int32),
+            images=[ImageInput(p.pixel_values, layout, s) for (p, layout), s in zip(processed, starts)],
+            gen_config=gen,
+            stop_ids=stop,
+            stop_strings=strings,
+            bad_ids=bad,
+        )
+
+
+def _maybe_json(path: Path) -> dict:
+    return read_json(path) if path.exists() else {}
