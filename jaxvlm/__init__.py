@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 # Public names and the module that owns each. Imported lazily so that `import jaxvlm` stays cheap and the
 # config objects work without initialising a JAX backend.
 _EXPORTS = {
-    "pipeline": "jaxvlm.pipeline",
-    "Pipeline": "jaxvlm.pipeline",
+    "pipeline": "jaxvlm.api",
+    "Pipeline": "jaxvlm.api",
     "GenerationConfig": "jaxvlm.config",
     "EngineConfig": "jaxvlm.config",
     "TurbomindEngineConfig": "jaxvlm.config",

@@ -38,7 +38,8 @@ _PREFIXES = (
     ("model.vision_tower.vision_tower.vision_model.", "vt."),  # original LLaVA-1.6
     ("model.vision_tower.vision_model.", "vt."),  # transformers 5.0-5.5
     ("vision_tower.vision_model.", "vt."),  # hub llava-hf (transformers 4.x)
-    ("model.vision_tower.", "vt."),  # transformers >= 5.6
+    ("model.vision_tower.", "vt."),  # transformers >= 5.6 in memory
+    ("vision_tower.", "vt."),  # transformers >= 5.6 save_pretrained (hub names, no vision_model level)
     ("vision_model.", "vt."),  # a CLIP checkpoint (original LLaVA-1.5's separate tower)
     ("language_model.model.", "lm."),
     ("language_model.lm_head.", "lm.lm_head."),

@@ -1,4 +1,4 @@
-"""`pipeline()`: LMDeploy's VLM pipeline API on top of the jaxvlm engine.
+"""`pipeline()` and `Pipeline`: LMDeploy's VLM pipeline API on top of the jaxvlm engine (as in lmdeploy/api.py).
 
 Prompts are normalised (`prompts.py`), rendered with a chat template, tokenized and their images loaded and
 preprocessed on a thread pool (`processor.py`), then streamed through the engine (`engine.py`), whose token
