@@ -92,10 +92,12 @@ class InputProcessor:
     def stop_rules(self, g: GenerationConfig) -> tuple[frozenset[int], tuple[str, ...], frozenset[int]]:
         """(stop ids, multi-token stop strings, banned ids). Single-token words become ids (fast path)."""
         stop = set(g.stop_token_ids or ())
-        if not g.ignore_eos:
+        words = list(g.stop_words or ())
+        if not g.ignore_eos:  # ignore_eos drops every end-of-turn marker, keeping only the user's stop rules
             stop |= self.eos_ids
+            words += self.template.stop_words or ()
         strings = []
-        for word in [*(g.stop_words or ()), *(self.template.stop_words or ())]:
+        for word in words:
             ids = self.tokenizer.encode(word, add_special_tokens=False)
             if len(ids) == 1:
                 stop.add(ids[0])

@@ -1,0 +1,161 @@
+"""The engine: continuous batching gives each request exactly what it gets alone (and what transformers gives),
+seeded sampling is batch-independent, every stopping rule, the session_len limits, bounded compilation."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from jaxvlm import EngineConfig, GenerationConfig, pipeline
+from jaxvlm.prompts import normalize_prompt
+
+NEW = 12
+
+
+def _image(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+
+
+def _prompts(n: int):
+    rng = np.random.default_rng(1)
+    words = "red bus house cat dog tree sky green blue small large picture".split()
+    out = []
+    for i in range(n):
+        text = " ".join(rng.choice(words, size=int(rng.integers(1, 25))))
+        k = i % 3
+        images = [_image(int(rng.integers(10, 90)), int(rng.integers(10, 90)), 100 * i + j) for j in range(k)]
+        out.append(text if k == 0 else (text, images))
+    return out
+
+
+def _make(tiny, **kw):
+    return pipeline(str(tiny.path), backend_config=EngineConfig(compilation_cache_dir=None, **kw))
+
+
+def _reference_tokens(pipe, tiny, prompt, new_tokens):
+    """transformers' greedy tokens on exactly the ids and pixels jaxvlm's processor produced."""
+    req = pipe.processor.make_request(0, normalize_prompt(prompt), GenerationConfig())
+    ids = req.token_ids.copy()
+    for im in req.images:
+        ids[im.start : im.start + len(im.layout)] = tiny.image_token_index
+    model = AutoModelForImageTextToText.from_pretrained(tiny.reference_path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    kw = {}
+    if req.images:
+        if pipe.model.config.anyres:
+            tiles = [im.pixel_values for im in req.images]
+            width = max(t.shape[0] for t in tiles)
+            padded = np.stack([np.concatenate([t, np.zeros((width - len(t), *t.shape[1:]), t.dtype)]) for t in tiles])
+            kw["pixel_values"] = torch.tensor(padded)
+            sizes = [pipe.processor.image_processor(im).image_size for im in normalize_prompt(prompt).images]
+            kw["image_sizes"] = torch.tensor(sizes)
+        else:
+            kw["pixel_values"] = torch.tensor(np.concatenate([im.pixel_values for im in req.images]))
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor(ids[None].astype(np.int64)), max_new_tokens=new_tokens,
+                             do_sample=False, **kw)
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("name", ["llava15_hf_gqa", "llava_next_hf"])
+def test_continuous_batching_equals_alone_and_transformers(request, name, caplog):
+    tiny = request.getfixturevalue(name)
+    prompts = _prompts(30)
+    gen = GenerationConfig(max_new_tokens=NEW, ignore_eos=True)
+    pipe = _make(tiny, max_batch_size=4, session_len=256)
+    with caplog.at_level(logging.INFO, logger="jaxvlm.runner"):
+        batched = pipe(prompts, gen_config=gen)
+    compiled = sorted(pipe.model.runner.compiled)
+    print(f"{len(compiled)} programs compiled for 30 mixed prompts: {compiled}")
+    # Prefill: length buckets x batch buckets x image/no-image; decode: kv buckets. Bounded, whatever the mix.
+    assert len(compiled) <= 24
+    assert all(r.finish_reason == "length" and r.generate_token_len == NEW for r in batched)
+    alone_pipe = _make(tiny, max_batch_size=1, session_len=256)
+    for i in (0, 1, 2, 7, 29):
+        alone = alone_pipe(prompts[i], gen_config=gen)
+        assert alone.token_ids == batched[i].token_ids, i
+        assert batched[i].token_ids == _reference_tokens(pipe, tiny, prompts[i], NEW), i
+    for i in range(30):
+        assert batched[i].index == i
+
+
+def test_seeded_sampling_is_batch_independent(llava15_hf):
+    pipe = _make(llava15_hf, max_batch_size=4, session_len=256)
+    prompts = _prompts(6)
+    seeded = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=0, top_p=1.0,
+                              random_seed=1234, ignore_eos=True)
+    other = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.0, random_seed=7, ignore_eos=True)
+    alone = pipe(prompts[2], gen_config=seeded)
+    batch = pipe(prompts, gen_config=[other, other, seeded, other, other, other])
+    assert batch[2].token_ids == alone.token_ids
+    again = pipe(prompts[2], gen_config=seeded)
+    assert again.token_ids == alone.token_ids
+    different = pipe(prompts[2], gen_config=GenerationConfig(**{**seeded.to_dict(), "random_seed": 99}))
+    assert different.token_ids != alone.token_ids
+    greedy = pipe(prompts[2], gen_config=GenerationConfig(max_new_tokens=10, ignore_eos=True))
+    top1 = pipe(prompts[2], gen_config=GenerationConfig(max_new_tokens=10, do_sample=True, top_k=1,
+                                                        random_seed=5, ignore_eos=True))
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_stopping_rules(llava15_hf):
+    pipe = _make(llava15_hf, max_batch_size=4, session_len=256)
+    prompt = _prompts(1)[0]
+    free = pipe(prompt, gen_config=GenerationConfig(max_new_tokens=20, ignore_eos=True))
+    ids = free.token_ids
+    # stop_token_ids: generation ends at the first occurrence, which is not part of the output.
+    stop = ids[5]
+    first = ids.index(stop)
+    r = pipe(prompt, gen_config=GenerationConfig(max_new_tokens=20, stop_token_ids=[stop]))
+    assert r.finish_reason == "stop" and r.token_ids == ids[:first]
+    # min_new_tokens bans stop ids until reached: the output then diverges or runs past that point.
+    r = pipe(prompt, gen_config=GenerationConfig(max_new_tokens=20, stop_token_ids=[stop], min_new_tokens=first + 1))
+    assert len(r.token_ids) >= first + 1 and stop not in r.token_ids[: first + 1]
+    # stop_words given as text: a single-token word works like stop_token_ids.
+    word = pipe.processor.tokenizer.convert_ids_to_tokens(stop)
+    if len(pipe.processor.tokenizer.encode(word, add_special_tokens=False)) == 1:
+        r = pipe(prompt, gen_config=GenerationConfig(max_new_tokens=20, stop_words=[word]))
+        assert r.finish_reason == "stop" and r.token_ids == ids[:first]
+    # A multi-token stop string cuts the text where it appears.
+    text = pipe.processor.tokenizer.decode(ids[3:6])
+    if len(pipe.processor.tokenizer.encode(text, add_special_tokens=False)) > 1 and text.strip():
+        r = pipe(prompt, gen_config=GenerationConfig(max_new_tokens=20, stop_words=[text]))
+        assert r.finish_reason == "stop" and text not in r.text
+    # max_new_tokens and ignore_eos.
+    r = pipe(prompt, gen_config=GenerationConfig(max_new_tokens=3, ignore_eos=True))
+    assert r.finish_reason == "length" and r.token_ids == ids[:3]
+    # EOS from the generation config: banning everything but EOS makes it stop at once.
+    eos = llava15_hf.eos_token_id
+    everything_else = [t for t in range(llava15_hf.vocab_size) if t != eos]
+    r = pipe(prompt, gen_config=GenerationConfig(max_new_tokens=5, bad_token_ids=everything_else))
+    assert r.finish_reason == "stop" and r.token_ids == []
+    r = pipe(prompt, gen_config=GenerationConfig(max_new_tokens=5, bad_token_ids=everything_else, ignore_eos=True))
+    assert r.finish_reason == "length" and r.token_ids == [eos] * 5
+
+
+def test_session_len_limits(llava15_hf):
+    pipe = _make(llava15_hf, max_batch_size=2, session_len=64)
+    short = "red bus"
+    long_prompt = " ".join(["red bus house cat"] * 40)
+    rs = pipe([short, long_prompt, short], gen_config=GenerationConfig(max_new_tokens=None, ignore_eos=True))
+    assert rs[1].finish_reason == "error" and "session_len" in rs[1].error_message
+    # max_new_tokens=None runs up to session_len; a larger max_new_tokens is cut there with 'length'.
+    assert rs[0].finish_reason == "length" and rs[0].input_token_len + rs[0].generate_token_len == 64
+    r = pipe(short, gen_config=GenerationConfig(max_new_tokens=500, ignore_eos=True))
+    assert r.finish_reason == "length" and r.input_token_len + r.generate_token_len == 64
+    assert rs[2].token_ids == rs[0].token_ids
+
+
+def test_logprobs(llava15_hf):
+    pipe = _make(llava15_hf, max_batch_size=2, session_len=128)
+    r = pipe("red bus", gen_config=GenerationConfig(max_new_tokens=4, logprobs=3, ignore_eos=True))
+    assert len(r.logprobs) == 4
+    for token, top in zip(r.token_ids, r.logprobs):
+        assert len(top) == 3 and token in top  # greedy: the chosen token is the most likely one
+        assert max(top.values()) == top[token] and all(v <= 0 for v in top.values())
