@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
@@ -92,14 +93,19 @@ class ChatTemplateConfig:
         return {name: getattr(self, name) for name in (*_FIELDS, "stop_words") if getattr(self, name) is not None}
 
 
-class ChatTemplate:
-    """Renders ``[{"role", "content"}]`` (content already holding IMAGE_TOKEN markers) to a prompt."""
+class ChatTemplate(ABC):
+    """Renders ``[{"role", "content"}]`` (content already holding IMAGE_TOKEN markers) to a prompt.
+
+    The prompt ends with the assistant's prefix (the generation prompt); when the last message is an
+    assistant's, it ends inside that message so the model continues it.
+    """
 
     name: str
     stop_words: list[str]
 
+    @abstractmethod
     def render(self, messages: list[dict]) -> str:
-        raise NotImplementedError
+        """The prompt for ``messages``; ValueError if they are malformed."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -282,6 +288,7 @@ class HFChatTemplate(ChatTemplate):
     # -- probing, once, with sentinel text (as LMDeploy's HFChatTemplate does)
 
     def _raw(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        # Special tokens the checkpoint does not name render as "" rather than failing the template.
         variables = {"bos_token": "", "eos_token": "", **self.special_tokens}
         return self._template.render(messages=messages, tools=None, documents=None,
                                      add_generation_prompt=add_generation_prompt, **variables)
@@ -499,12 +506,12 @@ def match_template_name(model_path: str) -> str | None:
     return None
 
 
-def _build_hf(model_path: str, hf_chat_template: str | None, stop_words: list[str] | None) -> HFChatTemplate | None:
-    source = hf_chat_template if hf_chat_template is not None else find_hf_chat_template(model_path)
+def _build_hf(model_dir: str, hf_chat_template: str | None, stop_words: list[str] | None) -> HFChatTemplate | None:
+    source = hf_chat_template if hf_chat_template is not None else find_hf_chat_template(model_dir)
     if source is None:
         return None
-    template = HFChatTemplate(source, special_tokens=_special_tokens(model_path),
-                              image_marker=_image_marker(model_path), stop_words=stop_words)
+    template = HFChatTemplate(source, special_tokens=_special_tokens(model_dir),
+                              image_marker=_image_marker(model_dir), stop_words=stop_words)
     # Like LMDeploy, the template counts only if it renders a plain user turn (and shows its text).
     if _SENTINEL not in template.render([{"role": "user", "content": _SENTINEL}]):
         raise ValueError("the chat template does not show the text of a user message")
@@ -512,24 +519,26 @@ def _build_hf(model_path: str, hf_chat_template: str | None, stop_words: list[st
 
 
 def resolve_chat_template(model_path: str, config: ChatTemplateConfig | None = None,
-                          hf_chat_template: str | None = None) -> ChatTemplate:
+                          hf_chat_template: str | None = None, *, model_dir: str | None = None) -> ChatTemplate:
     """Pick the chat template for a model.
 
     With ``config``: its ``model_name`` (a built-in name or ``hf``), with its set fields overriding.
     Without: the name matched from ``model_path`` as LMDeploy matches it, else the checkpoint's own
-    jinja template (``hf_chat_template`` or the one saved in ``model_path``), else ``base`` with a
-    warning.
+    jinja template (``hf_chat_template`` or the one saved in the checkpoint), else ``base`` with a
+    warning. ``model_dir`` is the local checkpoint directory, when ``model_path`` is a hub id; the
+    template, special tokens and image marker of ``hf`` are read from it.
     """
+    model_dir = model_path if model_dir is None else model_dir
     if config is not None:
         if not isinstance(config, ChatTemplateConfig):
             raise ValueError(f"chat_template_config must be a ChatTemplateConfig, got {type(config).__name__}")
-        return _from_config(model_path, config, hf_chat_template)
+        return _from_config(model_path, model_dir, config, hf_chat_template)
     name = match_template_name(model_path)
     if name is not None:
         logger.info("chat template %r matched from the model path %s", name, model_path)
         return FieldChatTemplate(name, BUILTIN_TEMPLATES[name])
     try:
-        hf = _build_hf(model_path, hf_chat_template, None)
+        hf = _build_hf(model_dir, hf_chat_template, None)
     except ValueError as exc:
         logger.warning("the checkpoint's chat template is unusable: %s", exc)
         hf = None
@@ -544,14 +553,15 @@ def resolve_chat_template(model_path: str, config: ChatTemplateConfig | None = N
     return FieldChatTemplate("base", BUILTIN_TEMPLATES["base"])
 
 
-def _from_config(model_path: str, config: ChatTemplateConfig, hf_chat_template: str | None) -> ChatTemplate:
+def _from_config(model_path: str, model_dir: str, config: ChatTemplateConfig,
+                 hf_chat_template: str | None) -> ChatTemplate:
     overrides = config.overrides()
     if config.model_name == "hf":
         ignored = [k for k in overrides if k != "stop_words"]
         if ignored:
             warnings.warn(f"ChatTemplateConfig fields {ignored} do not apply to the 'hf' template and are ignored",
                           stacklevel=3)
-        hf = _build_hf(model_path, hf_chat_template, overrides.get("stop_words"))
+        hf = _build_hf(model_dir, hf_chat_template, overrides.get("stop_words"))
         if hf is None:
             raise ValueError(f"ChatTemplateConfig(model_name='hf') but {model_path!r} has no chat template")
         return hf

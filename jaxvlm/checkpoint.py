@@ -64,6 +64,8 @@ def resolve_model_dir(model_path: str, revision: str | None = None, download_dir
     huggingface_hub honours HF_HOME / HF_HUB_CACHE; HF_HUB_OFFLINE=1 (read at each call) restricts the lookup to
     the local cache. `download_dir` replaces the cache directory, as LMDeploy's `download_dir` does.
     """
+    if not isinstance(model_path, str) or not model_path.strip():
+        raise CheckpointError(f"model path must be a non-empty string, got {model_path!r}")
     path = Path(model_path).expanduser()
     if path.is_dir():
         return path
@@ -204,7 +206,7 @@ class _Entry(NamedTuple):
     shape: tuple[int, ...]
     start: int  # byte offset of the first element the tensor reads, inside `source`
     strides: tuple[int, ...] | None  # element strides for views; None means contiguous
-    source: str  # safetensors: ""; torch zip: the storage's member name; legacy torch: ""
+    source: str  # torch zip: the storage's member name (`start` is relative to it); otherwise "" (absolute)
 
 
 def _read_exact(f, offset: int, nbytes: int, path: Path, what: str) -> np.ndarray:
@@ -395,12 +397,22 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
     return data
 
 
+def _rebuild_from_type(func, new_type, args, state) -> Any:
+    # tensor subclasses (e.g. a Parameter with Python attributes): `func` can only be one of the functions
+    # of _ALLOWED_GLOBALS, since nothing else is resolvable; the subclass itself is dropped
+    return func(*args)
+
+
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("torch._tensor", "Tensor"): "Tensor",  # type markers only: never instantiated
+    ("torch", "Tensor"): "Tensor",
+    ("torch.nn.parameter", "Parameter"): "Parameter",
     **{("torch", n): _StorageType(n, d) for n, d in _STORAGE_DTYPES.items() if n != "UntypedStorage"},
     ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", _STORAGE_DTYPES["UntypedStorage"]),
     **{("torch", n): d for n, d in _TORCH_DTYPES.items()},
@@ -558,6 +570,9 @@ class _TorchFile:
             (count,) = struct.unpack(">q" if self._big_endian else "<q", count_raw)
             st = storages.get(str(key))
             itemsize = st.dtype.itemsize if st is not None else 1
+            if st is not None and count != st.numel:
+                raise CheckpointError(f"{self.path}: storage {key!r} holds {count} elements, its tensors "
+                                      f"expect {st.numel}")
             self._legacy_offsets[str(key)] = pos + 8
             pos += 8 + count * itemsize
             if pos > size:
@@ -611,7 +626,8 @@ class _TorchFile:
             else:  # a compressed member (re-zipped by a tool): zipfile decompresses while seeking
                 with self._zip.open(e.source) as member:
                     raw = _read_exact(member, e.start, nbytes, self.path, f"tensor {name!r}")
-        dtype = e.dtype.newbyteorder(">") if self._big_endian and itemsize > 1 else e.dtype
+        swap = self._big_endian and itemsize > 1 and e.dtype.kind in "fiu"  # numpy's own dtypes only
+        dtype = e.dtype.newbyteorder(">") if swap else e.dtype
         flat = raw.view(dtype)
         if e.strides is None:
             arr = flat.reshape(e.shape)

@@ -8,7 +8,8 @@ Two families of checkpoints are served, each matched to its own reference:
   "anyres" or anything else (plain CLIP processing).
 
 Resizing always goes through ``PIL.Image.resize`` on uint8 RGB data, and rescale/normalize use the same
-float64 -> float32 steps as transformers, so results match the references bit for bit.
+float64 -> float32 steps as transformers, so results match the references bit for bit. Images always become
+3-channel RGB (``do_convert_rgb`` is not consulted): the vision towers take nothing else.
 """
 
 from __future__ import annotations
@@ -152,6 +153,10 @@ class ImageProcessor:
                 raise ValueError("image_aspect_ratio 'anyres' needs image_grid_pinpoints in the config")
             settings["aspect"] = "anyres"
             settings["grid_pinpoints"] = _pinpoints(pinpoints)
+        elif str(ratio).startswith("anyres"):
+            # Variants such as "anyres_max_9" come from later LLaVA-NeXT repos with another tiling rule;
+            # haotian-liu/LLaVA has no such mode, so refuse rather than silently crop.
+            raise ValueError(f"image_aspect_ratio {ratio!r} is not supported (use 'anyres', 'pad' or 'square')")
         else:
             # process_images falls back to the plain CLIP processor for any other value.
             settings["aspect"] = "crop"

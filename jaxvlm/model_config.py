@@ -216,7 +216,11 @@ def llava_config_from_original(cfg: dict, vision_tower_config: dict | None) -> L
     projector = cfg.get("mm_projector_type", "linear")
     if projector not in ("linear", "mlp2x_gelu"):
         raise ConfigError(f"mm_projector_type {projector!r} is not supported (linear, mlp2x_gelu)")
-    anyres = "anyres" in str(cfg.get("image_aspect_ratio", ""))
+    ratio = str(cfg.get("image_aspect_ratio", ""))
+    if ratio.startswith("anyres") and ratio != "anyres":
+        raise ConfigError(f"image_aspect_ratio {ratio!r} (a later LLaVA-NeXT tiling rule) is not supported; "
+                          "haotian-liu/LLaVA checkpoints use 'anyres'")
+    anyres = ratio == "anyres"
     merge = cfg.get("mm_patch_merge_type", "flat")
     if anyres and merge != "spatial_unpad":
         raise ConfigError(f"mm_patch_merge_type {merge!r} is not supported with anyres (spatial_unpad)")

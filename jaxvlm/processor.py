@@ -71,6 +71,9 @@ class InputProcessor:
         if self.config.checkpoint_format == "llava-hf":
             text = parts[0] + "".join(self.image_token * n + p for n, p in zip(counts, parts[1:]))
             ids = self.tokenizer(text).input_ids
+            bos = self.tokenizer.bos_token_id
+            if bos is not None and ids[:2] == [bos, bos]:  # a template that writes <s> itself
+                ids = ids[1:]
             marks = np.flatnonzero(np.asarray(ids) == self.config.image_token_index)
             starts = [int(m) for i, m in enumerate(marks) if i == 0 or marks[i - 1] != m - 1]
             if [int(np.sum(np.asarray(ids)[s : s + n] == self.config.image_token_index)) for s, n in

@@ -22,9 +22,15 @@ Choices worth knowing:
   ``p >= min_p * p_max``, tested as ``logit/T >= max/T + log(min_p)`` so that no sum enters the test.
 
 Two ways to get the candidates (see ``sample``'s ``path``): when every sampling slot has top_k in
-[1, 64], ``lax.top_k(logits, 64)`` gives them without sorting the vocabulary; otherwise the rows are fully
-sorted. Slots with top_k in [1, 64] get the same arithmetic on the same 64 candidates on either path (the
-sort path evaluates them on its first 64 columns), so the path a batch takes does not change their tokens.
+[1, 64], the 64 largest logits (``top_candidates``, a two-stage top-k) are enough; otherwise the rows are
+fully sorted. Measured on an H100 (jax 0.11.2) at S=256, V=32064, one jitted ``sample`` call costs
+~0.6 ms on the top-k path, ~1.1 ms on the sort path, ~0.13 ms with ``greedy_only`` and ~0.4 ms for an
+all-greedy batch under "auto"; 20 top logprobs add ~0.4 ms. Slots with top_k in [1, 64] get the same
+arithmetic on the same 64 candidates on either path (the sort path evaluates them on its first 64
+columns), so the path a batch takes does not change their tokens.
+
+The engine should reset a finished slot (``set_slot`` with default ``SlotParams``): a leftover sampling
+slot with top_k = 0 would keep sending every batch down the sort path.
 """
 
 from __future__ import annotations
@@ -42,11 +48,13 @@ from jax import lax
 if TYPE_CHECKING:
     from jaxvlm.config import GenerationConfig
 
-# Largest top_k served without a full sort. 64 covers LMDeploy's default (50) and common settings, and
-# lax.top_k stays far cheaper than sorting 32k-entry rows at this width.
+# Largest top_k served without a full sort. 64 covers LMDeploy's default (50) and common settings.
 TOPK_PATH_MAX_K = 64
 
 _PATHS = ("auto", "topk", "sort")
+
+# Group length for the two-stage top-k of long rows (see top_candidates).
+_GROUP_SIZE = 512
 
 
 @jax.tree_util.register_dataclass
@@ -239,6 +247,29 @@ def _pick(values: jax.Array, ids: jax.Array, state: SamplingState, keys: jax.Arr
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
 
 
+def top_candidates(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k(logits, k)`` (same values, ids and tie order), computed in two stages for long rows.
+
+    XLA's GPU top-k has a fast kernel for small k but sorts whole rows for k > 16, which at V = 32k costs
+    as much as the full sort the top-k path exists to avoid. Splitting each row into groups of ~512,
+    taking each group's top k, then the top k of those candidates is exact (a row's top k lies within its
+    groups' top k). Measured on an H100 at V=32064, k=64: 0.45 vs 0.66 ms at S=256, 0.06 vs 0.10-0.18 ms
+    at S=1..32; for k <= 8 (or k <= 16 with many rows) the direct kernel is faster and is used. Ties stay
+    with the lower id: groups are laid out in id order and both stages prefer the lower position.
+    """
+    s, v = logits.shape
+    groups = -(-v // _GROUP_SIZE)
+    if groups < 4 or k <= 8 or (k <= 16 and s >= 128):
+        return lax.top_k(logits, k)
+    size = -(-v // groups)
+    # -inf padding sits after every real id, so it loses all ties and never enters the top k (k <= v).
+    padded = jnp.pad(logits, ((0, 0), (0, groups * size - v)), constant_values=-jnp.inf)
+    values, ids = lax.top_k(padded.reshape(s, groups, size), min(k, size))
+    ids = ids.astype(jnp.int32) + (jnp.arange(groups, dtype=jnp.int32) * size)[None, :, None]
+    values, pick = lax.top_k(values.reshape(s, -1), k)
+    return values, jnp.take_along_axis(ids.reshape(s, -1), pick, axis=-1)
+
+
 def _sample_tokens(logits: jax.Array, state: SamplingState, step: jax.Array, is_greedy: jax.Array,
                    path: str) -> jax.Array:
     s, v = logits.shape
@@ -246,28 +277,29 @@ def _sample_tokens(logits: jax.Array, state: SamplingState, step: jax.Array, is_
     keys = _slot_keys(state.seed, step)
     narrow = (state.top_k >= 1) & (state.top_k <= width)
 
-    def via_top_k(_):
-        values, ids = lax.top_k(logits, width)
-        return _pick(values, ids.astype(jnp.int32), state, keys)
+    def via_top_k():
+        values, ids = top_candidates(logits, width)
+        return _pick(values, ids, state, keys)
 
-    def via_sort(_):
+    def via_sort():
         # Stable sort on -logit with the ids as payload: ties keep the lower id first, like lax.top_k.
         ids = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (s, v))
         neg, ids = lax.sort((-logits, ids), dimension=1, is_stable=True, num_keys=1)
         values = -neg
         full = _pick(values, ids, state, keys)
-        # Narrow slots repeat the top-k path's exact arithmetic on the same 64 leading candidates.
+        # Narrow slots repeat the top-k path's arithmetic on the same leading candidates.
         window = _pick(values[:, :width], ids[:, :width], state, keys)
         return jnp.where(narrow, window, full)
 
     if path == "topk":
-        return via_top_k(None)
+        return via_top_k()
     if path == "sort":
-        return via_sort(None)
-    # "auto": decided on device, so the caller needs no host copy of the settings and one compiled step
-    # serves every batch; lax.cond runs only the branch taken.
-    fits = jnp.all(is_greedy | narrow)
-    return lax.cond(fits, via_top_k, via_sort, None)
+        return via_sort()
+    # "auto" decides on device, so the caller needs no host copy of the settings and one compiled step
+    # serves every batch; lax.switch runs only the branch taken. A batch with no sampling slot skips
+    # sampling altogether (but pass greedy_only=True when the host knows, to drop the RNG from the graph).
+    branch = jnp.where(jnp.all(is_greedy), 0, jnp.where(jnp.all(is_greedy | narrow), 1, 2))
+    return lax.switch(branch, [lambda: jnp.zeros((s,), jnp.int32), via_top_k, via_sort])
 
 
 def sample(logits: jax.Array, state: SamplingState, step: jax.Array, ban_stop: jax.Array, *,
@@ -295,10 +327,13 @@ def sample(logits: jax.Array, state: SamplingState, step: jax.Array, ban_stop: j
         sampled = _sample_tokens(processed, state, step, is_greedy, path)
         tokens = jnp.where(is_greedy, tokens, sampled)
 
-    logprobs = jax.nn.log_softmax(processed, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    # log_softmax = logit - logsumexp; ranking the processed logits directly avoids materialising a
+    # second [S, V] array just to take its top N.
+    log_norm = jax.nn.logsumexp(processed, axis=-1)
+    chosen = jnp.take_along_axis(processed, tokens[:, None], axis=-1)[:, 0] - log_norm
     if num_logprobs:
-        top_logprobs, top_ids = lax.top_k(logprobs, num_logprobs)
+        top_values, top_ids = top_candidates(processed, num_logprobs)
+        top_logprobs = top_values - log_norm[:, None]
     else:
         top_logprobs, top_ids = jnp.zeros((s, 0), jnp.float32), jnp.zeros((s, 0), jnp.int32)
 

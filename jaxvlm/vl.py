@@ -95,7 +95,8 @@ class FetchPolicy:
     max_redirects: how many HTTP redirects are followed.
     max_pixels: cap on width * height of a decoded image (decompression bombs).
     allowed_domains: if set, http(s) hosts must be one of these or a subdomain of one.
-    block_private: refuse hosts that resolve to non-global addresses (loopback, private, link-local).
+    block_private: refuse hosts that resolve to non-global addresses (loopback, private, link-local);
+        checked before each request, so a DNS answer that changes in between is not caught.
     allow_local_files: accept local paths and file:// URLs (turn off when sources are untrusted).
     """
 
@@ -298,7 +299,7 @@ def _fetch(url: str, timeout: float, policy: FetchPolicy) -> tuple[bytes, str]:
         opener.add_handler(handler)
     seen = {url}
     current = url
-    for hop in range(policy.max_redirects + 1):
+    for _ in range(policy.max_redirects + 1):
         _check_url(current, policy)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -346,7 +347,9 @@ def _read_body(response, max_bytes: int, deadline: float, timeout: float) -> byt
         while True:
             if time.monotonic() > deadline:
                 raise _Failure(f"timed out after {timeout:g} s while reading the body")
-            chunk = response.read(_CHUNK)
+            # read1: whatever has arrived (one socket read), so a server that drips bytes
+            # cannot hold us inside one read past the deadline.
+            chunk = response.read1(_CHUNK)
             if not chunk:
                 break
             total += len(chunk)
@@ -410,6 +413,9 @@ def _decode(fp: IO[bytes], policy: FetchPolicy) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise _Failure(f"decompression bomb refused: {exc}") from exc
     with image:
+        if image.format == "EPS":
+            # PIL decodes PostScript by running Ghostscript: not for images from prompts.
+            raise _Failure("PostScript (EPS) images are not decoded")
         return _finish(image, policy)
 
 

@@ -35,7 +35,7 @@ def _prompts(n: int):
 
 
 def _make(tiny, **kw):
-    return pipeline(str(tiny.path), backend_config=EngineConfig(compilation_cache_dir=None, **kw))
+    return pipeline(str(tiny.path), backend_config=EngineConfig(**kw))
 
 
 def _reference_tokens(pipe, tiny, prompt, new_tokens):
