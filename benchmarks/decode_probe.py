@@ -1,0 +1,103 @@
+"""Engine-level decode/prefill probe on random 7B-shaped weights made on the device (no checkpoint, no torch).
+
+Times the jitted steps directly (no tokenizer or images), to find where decode time goes before the full
+side-by-side benchmark (`run.py`). Prints JSON lines.
+
+    python benchmarks/decode_probe.py [--slots 1,64] [--steps 64] [--attention pallas|xla]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvlm.config import GenerationConfig
+from jaxvlm.engine import Engine
+from jaxvlm.model_config import llava_config_from_hf
+from jaxvlm.modeling import Llava
+from jaxvlm.runner import ModelRunner
+from jaxvlm.scheduler import EngineRequest
+
+LLAVA_15_7B = {
+    "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": 32000,
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "torch_dtype": "bfloat16",
+    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                      "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu"},
+    "text_config": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+                    "rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
+}
+
+
+def random_model(cfg, dtype=jnp.bfloat16) -> Llava:
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llava(cfg, dtype)))
+    key = jax.random.key(0)
+    flat = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
+        value = (jax.random.normal(jax.random.fold_in(key, i), var.shape, jnp.float32) * 0.02).astype(dtype)
+        flat.append((path, var.replace(value=value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def bandwidth_gbs() -> float:
+    x = jnp.ones((2 * 1024**3 // 2,), jnp.bfloat16)  # 2 GiB
+    copy = jax.jit(lambda a: a * 1)
+    copy(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(10):
+        y = copy(x)
+    y.block_until_ready()
+    return 2 * x.nbytes * 10 / (time.perf_counter() - t) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--slots", default="1,64")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=600)
+    args = ap.parse_args()
+    cfg = llava_config_from_hf(LLAVA_15_7B)
+    t = time.perf_counter()
+    model = random_model(cfg)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    print(json.dumps({"phase": "init", "seconds": time.perf_counter() - t, "weight_gb": weight_bytes / 1e9}))
+    bw = bandwidth_gbs()
+    print(json.dumps({"phase": "bandwidth", "gb_per_s": bw}))
+    rng = np.random.default_rng(0)
+    for slots in [int(s) for s in args.slots.split(",")]:
+        runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=jnp.bfloat16)
+        engine = Engine(runner, session_len=1024, max_vision_tiles=16)
+        gen = GenerationConfig(max_new_tokens=args.steps, ignore_eos=True)
+        reqs = lambda: [EngineRequest(i, rng.integers(3, 32000, size=args.prompt).astype(np.int32), [], gen)
+                        for i in range(slots)]
+        t = time.perf_counter()
+        for _ in engine.generate(reqs()):
+            pass
+        warm = time.perf_counter() - t
+        t = time.perf_counter()
+        first = None
+        count = 0
+        for ev in engine.generate(reqs()):
+            count += len(ev.new_ids)
+            if first is None and ev.new_ids:
+                first = time.perf_counter() - t
+        total = time.perf_counter() - t
+        decode_s = total - first
+        steps = args.steps - 1
+        per_step = decode_s / steps
+        kv_bytes = 2 * 32 * 4096 * 2 * (args.prompt + args.steps / 2) * slots
+        print(json.dumps({
+            "phase": "decode", "slots": slots, "warmup_s": warm, "ttft_s": first, "ms_per_step": per_step * 1e3,
+            "tokens_per_s": slots * steps / decode_s, "roofline_fraction": (weight_bytes + kv_bytes) / (bw * 1e9) / per_step,
+            "compiled": sorted(map(str, runner.compiled)),
+        }))
+
+
+if __name__ == "__main__":
+    main()
