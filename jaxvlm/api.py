@@ -24,6 +24,7 @@ from jaxvlm.engine import Engine, Event
 from jaxvlm.model_loader import LoadedModel, load
 from jaxvlm.prompts import Conversation, normalize_prompt, split_batch
 from jaxvlm.scheduler import EngineRequest
+from jaxvlm.vl import FetchPolicy
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Session:
 class Pipeline:
     def __init__(self, model_path: str, backend_config: EngineConfig | None = None,
                  chat_template_config: ChatTemplateConfig | None = None, vision_config: VisionConfig | None = None,
-                 **kwargs: Any):
+                 *, fetch_policy: FetchPolicy | None = None, **kwargs: Any):
         unknown = set(kwargs) - _LMDEPLOY_PIPELINE_ONLY
         if unknown:
             raise TypeError(f"pipeline() got unexpected keyword arguments {sorted(unknown)}")
@@ -64,10 +65,13 @@ class Pipeline:
         if backend_config is not None and not isinstance(backend_config, EngineConfig):
             raise TypeError(f"backend_config must be an EngineConfig (TurbomindEngineConfig), got "
                             f"{type(backend_config).__name__}")
+        if fetch_policy is not None and not isinstance(fetch_policy, FetchPolicy):
+            raise TypeError(f"fetch_policy must be a jaxvlm.vl.FetchPolicy, got {type(fetch_policy).__name__}")
         self.engine_config = backend_config or EngineConfig()
         self.vision_config = vision_config or VisionConfig()
         self.model: LoadedModel = load(model_path, self.engine_config, chat_template_config)
         self.processor = self.model.processor
+        self.processor.fetch_policy = fetch_policy  # None: jaxvlm.vl.DEFAULT_FETCH_POLICY, read at each load
         self.engine = Engine(self.model.runner, self.model.session_len, self.vision_config.max_batch_size,
                              detokenize=self._decode_ids)
         self._closed = False
@@ -187,20 +191,22 @@ class Pipeline:
         self._check_open()
         items, _ = self._items(prompts, gen_config)
         shown: dict[int, str] = {}
+        held: dict[int, list[int]] = collections.defaultdict(list)  # tokens whose text is not out yet
         for event in self.engine.generate(self._requests(items)):
             idx = event.seq.request.index
-            g = event.seq.request.gen_config
-            text = self._final_text(event) if event.finished else self._decode_ids(event.seq.output_ids,
-                                                                                    g.skip_special_tokens)
-            if not event.finished and text.endswith("\ufffd"):
-                continue  # an incomplete UTF-8 sequence: wait for the rest of the character
-            if event.seq.request.stop_strings and not event.finished:
-                continue  # text near a stop string may yet be cut; emit it at the end
+            held[idx] += event.new_ids
+            if event.finished:
+                text = self._final_text(event)
+            else:
+                if event.seq.request.stop_strings:
+                    continue  # text near a stop string may yet be cut: it all comes out at the end
+                text = self._decode_ids(event.seq.output_ids, event.seq.request.gen_config.skip_special_tokens)
+                if text.endswith("\ufffd"):
+                    continue  # an incomplete UTF-8 sequence: wait for the rest of the character
             prev = shown.get(idx, "")
-            delta = text[len(prev):] if text.startswith(prev) else text
             shown[idx] = text
-            resp = self._response(event, delta)
-            resp.token_ids = list(event.new_ids)
+            resp = self._response(event, text[len(prev):] if text.startswith(prev) else text)
+            resp.token_ids = held.pop(idx)
             if not event.finished:
                 resp.finish_reason = None
             yield resp
@@ -222,9 +228,14 @@ class Pipeline:
 
 def pipeline(model_path: str, backend_config: EngineConfig | None = None,
              chat_template_config: ChatTemplateConfig | None = None, vision_config: VisionConfig | None = None,
-             **kwargs: Any) -> Pipeline:
-    """Loads a LLaVA checkpoint (local dir, hub id or jaxvlm checkpoint) and returns a Pipeline."""
-    return Pipeline(model_path, backend_config, chat_template_config, vision_config, **kwargs)
+             *, fetch_policy: FetchPolicy | None = None, **kwargs: Any) -> Pipeline:
+    """Loads a LLaVA checkpoint (local dir, hub id or jaxvlm checkpoint) and returns a Pipeline.
+
+    `fetch_policy` (jaxvlm only) limits how prompt images are fetched: allowed domains, private addresses,
+    local files, byte and pixel caps; None uses `jaxvlm.vl.DEFAULT_FETCH_POLICY`.
+    """
+    return Pipeline(model_path, backend_config, chat_template_config, vision_config, fetch_policy=fetch_policy,
+                    **kwargs)
 
 
 def _progress(total: int):

@@ -1,0 +1,164 @@
+"""The public API: every example of LMDeploy's VLM pipeline page, with `lmdeploy` replaced by `jaxvlm`, on tiny
+local models and images served by a loopback HTTP server; and end-to-end parity with transformers."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import jaxvlm
+from jaxvlm import (ChatTemplateConfig, EngineConfig, GenerationConfig, PytorchEngineConfig, Response,
+                    TurbomindEngineConfig, VisionConfig, pipeline)
+from jaxvlm.vl import IMAGE_TOKEN, load_image
+
+
+def _png(w: int, h: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory):
+    """Serves tiger.jpeg, human-pose.jpg and det.jpg (random pictures under the names the LMDeploy page uses)."""
+    root = tmp_path_factory.mktemp("www")
+    for i, name in enumerate(["tiger.jpeg", "human-pose.jpg", "det.jpg"]):
+        (root / name).write_bytes(_png(60 + 10 * i, 40 + 7 * i, i))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def next_pipe(llava_next_hf):
+    with pipeline(str(llava_next_hf.path), backend_config=TurbomindEngineConfig(session_len=1024)) as pipe:
+        yield pipe
+
+
+def test_imports_of_the_contract():
+    assert TurbomindEngineConfig is EngineConfig is PytorchEngineConfig
+    assert jaxvlm.vl.IMAGE_TOKEN == IMAGE_TOKEN == "<IMAGE_TOKEN>"
+    assert VisionConfig().max_batch_size >= 1
+
+
+def test_hello_world_and_openai_format(next_pipe, image_server):
+    url = f"{image_server}/tiger.jpeg"
+    image = load_image(url)
+    response = next_pipe(("describe this image", image))
+    assert isinstance(response, Response) and response.finish_reason in ("stop", "length")
+    assert response.input_token_len > 20 and response.generate_token_len == len(response.token_ids)
+    prompts = [{"role": "user", "content": [{"type": "text", "text": "describe this image"},
+                                            {"type": "image_url", "image_url": {"url": url}}]}]
+    openai = next_pipe(prompts)
+    assert openai.token_ids == response.token_ids  # same image, same text, same template
+
+
+def test_session_len_and_sampling_examples(llava_next_hf, image_server):
+    image = load_image(f"{image_server}/tiger.jpeg")
+    with pytest.warns(UserWarning, match="session_len"):  # beyond the tiny model's 1,024 positions
+        pipe = pipeline(str(llava_next_hf.path), backend_config=TurbomindEngineConfig(session_len=8192))
+    gen_config = GenerationConfig(top_k=40, top_p=0.8, temperature=0.6)
+    response = pipe(("describe this image", image), gen_config=gen_config)
+    assert response.finish_reason in ("stop", "length") and response.text == pipe._decode_ids(response.token_ids)
+
+
+def test_chat_template_config_on_llava_15(llava15_original, image_server):
+    pipe = pipeline(str(llava15_original.path), chat_template_config=ChatTemplateConfig(model_name="vicuna"),
+                    backend_config=EngineConfig(vision_tower_path=str(llava15_original.vision_tower_path)))
+    image = load_image(f"{image_server}/tiger.jpeg")
+    assert pipe.processor.template.name == "vicuna"
+    response = pipe(("describe this image", image))
+    assert response.finish_reason in ("stop", "length")
+
+
+def test_multi_image_and_batch_examples(next_pipe, image_server):
+    urls = [f"{image_server}/human-pose.jpg", f"{image_server}/det.jpg"]
+    images = [load_image(u) for u in urls]
+    both = next_pipe(("describe these images", images))
+    one = next_pipe(("describe these images", images[:1]))
+    assert both.input_token_len > one.input_token_len  # the second image's tokens are in the prompt
+    prompts = [("describe this image", load_image(u)) for u in urls]
+    batch = next_pipe(prompts)
+    assert [r.index for r in batch] == [0, 1]
+    for prompt, r in zip(prompts, batch):
+        assert next_pipe(prompt).token_ids == r.token_ids
+
+
+def test_tensor_parallel_example_on_virtual_devices(llava_next_hf, image_server):
+    script = textwrap.dedent(f"""
+        from jaxvlm import pipeline, TurbomindEngineConfig
+        from jaxvlm.vl import load_image
+        pipe = pipeline({str(llava_next_hf.path)!r}, backend_config=TurbomindEngineConfig(tp=2))
+        image = load_image({image_server + "/tiger.jpeg"!r})
+        response = pipe(('describe this image', image))
+        print("TOKENS", response.token_ids)
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tokens = eval(out.stdout.split("TOKENS", 1)[1])
+    single = pipeline(str(llava_next_hf.path))(("describe this image", load_image(f"{image_server}/tiger.jpeg")))
+    assert tokens == single.token_ids
+
+
+def test_stream_infer_and_chat(next_pipe, image_server):
+    image = load_image(f"{image_server}/tiger.jpeg")
+    gen = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    whole = next_pipe(("describe this image", image), gen_config=gen)
+    deltas = list(next_pipe.stream_infer([("describe this image", image)], gen_config=gen))
+    assert "".join(d.text for d in deltas) == whole.text
+    assert sum((d.token_ids for d in deltas), []) == whole.token_ids
+    assert deltas[-1].finish_reason == "length" and all(d.index == 0 for d in deltas)
+    sess = next_pipe.chat(("describe this image", image), gen_config=gen)
+    first = sess.response
+    assert first.token_ids == whole.token_ids
+    sess = next_pipe.chat("and what colour is it?", session=sess, gen_config=gen)
+    assert len(sess.history) == 2 and sess.response.input_token_len > first.input_token_len + first.generate_token_len
+
+
+def test_gen_config_list_and_errors(next_pipe):
+    rs = next_pipe(["hello", "hi"], gen_config=[GenerationConfig(max_new_tokens=2), GenerationConfig(max_new_tokens=3)])
+    assert [r.generate_token_len for r in rs] in ([2, 3],) or all(r.finish_reason == "stop" for r in rs)
+    with pytest.raises(ValueError, match="2 prompts"):
+        next_pipe(["hello", "hi"], gen_config=[GenerationConfig()])
+    with pytest.raises(ValueError):
+        next_pipe(("two markers <IMAGE_TOKEN> <IMAGE_TOKEN>", [Image.new("RGB", (8, 8))]))
+    bad = next_pipe(["fine", ("two markers <IMAGE_TOKEN> <IMAGE_TOKEN>", [Image.new("RGB", (8, 8))])])
+    assert bad[0].finish_reason != "error" and bad[1].finish_reason == "error" and "2" in bad[1].error_message
+
+
+@pytest.mark.parametrize("name", ["llava15_hf", "llava_next_hf"])
+def test_greedy_equals_transformers_on_the_rendered_prompt(request, name, image_server):
+    tiny = request.getfixturevalue(name)
+    image = load_image(f"{image_server}/det.jpg")
+    pipe = pipeline(str(tiny.path))
+    ours = pipe(("describe this image", image), gen_config=GenerationConfig(max_new_tokens=24))
+    prompt = pipe.processor.template.render([{"role": "user", "content": f"{IMAGE_TOKEN}\ndescribe this image"}])
+    processor = AutoProcessor.from_pretrained(tiny.path)
+    inputs = processor(text=prompt.replace(IMAGE_TOKEN, tiny.image_token), images=[image], return_tensors="pt")
+    model = AutoModelForImageTextToText.from_pretrained(tiny.path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
+    assert ours.input_token_len == inputs["input_ids"].shape[1]
+    eos = tiny.eos_token_id
+    expected = out[: out.index(eos)] if eos in out else out
+    assert ours.token_ids == expected
+    assert ours.finish_reason == ("stop" if eos in out else "length")
+    assert ours.text == processor.tokenizer.decode(expected, skip_special_tokens=True)
