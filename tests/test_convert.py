@@ -124,17 +124,15 @@ def test_bfloat16_conversion(llava15_hf, converted):
     ck = converted_checkpoint.open_checkpoint(dst)
     assert ck.dtype == "bfloat16" and ck.config.dtype == "bfloat16"  # so dtype='auto' computes in bfloat16
     assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    stored = jax.tree.leaves(nnx.state(converted_checkpoint.load(dst, "bfloat16"), nnx.Param))
-    assert {str(a.dtype) for a in stored} == {"bfloat16"}
     loaded = converted_checkpoint.load(dst, ck.config.dtype)
     direct = _direct(llava15_hf, "bfloat16")  # float32 source cast on load: the same rounding
     want, got = _flat_params(direct), _flat_params(loaded)
+    assert {str(a.dtype) for a in got.values()} == {"bfloat16"}
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     logits = _logits(loaded)
     full = _logits(_direct(llava15_hf, "float32"))
-    assert np.argmax(logits, -1).tolist() == np.argmax(full, -1).tolist()
-    np.testing.assert_allclose(logits, full, atol=0.1 * np.abs(full).max())
+    np.testing.assert_allclose(logits, full, atol=0.1 * np.abs(full).max())  # bfloat16 rounding only
     # a bfloat16 checkpoint loaded in float32 holds the bfloat16 values exactly, through either restore path
     mesh = sharding.make_mesh(1, 1, ck.config)
     for up in (converted_checkpoint.load(dst, "float32"), converted_checkpoint.load(dst, "float32", mesh=mesh)):
@@ -168,8 +166,8 @@ def test_checkpoint_contents(llava15_original, converted):
             assert (dst / f.name).read_bytes() == f.read_bytes(), f.name
             assert f.name in marker["files"]
     # the CLIP tower's image processor and the tower settings the weights were read with
-    clip = llava15_original.vision_tower_path
-    assert (dst / "vision_tower/preprocessor_config.json").read_bytes() == (clip / "preprocessor_config.json").read_bytes()
+    clip_pre = llava15_original.vision_tower_path / "preprocessor_config.json"
+    assert (dst / "vision_tower/preprocessor_config.json").read_bytes() == clip_pre.read_bytes()
     assert marker["vision_tower"]["preprocessor_config"] is True
     ck = converted_checkpoint.open_checkpoint(dst)
     assert ck.tower_dir == dst / "vision_tower" and ck.config == model.config
@@ -300,7 +298,7 @@ def _python(script: str, env: dict | None = None, timeout: int = 120) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def test_tensor_parallel_restore(llava15_hf, converted, tmp_path):
+def test_tensor_parallel_restore(llava15_hf, converted):
     """With a mesh, each parameter is restored straight into its sharding (2 CPU devices, tp=2)."""
     dst = converted(llava15_hf.path)
     result = _python(f"""
@@ -311,21 +309,21 @@ def test_tensor_parallel_restore(llava15_hf, converted, tmp_path):
         ck = converted_checkpoint.open_checkpoint({str(dst)!r})
         mesh = sharding.make_mesh(2, 1, ck.config)
         sharded = converted_checkpoint.load(ck.directory, "float32", mesh=mesh)
-        np.save({str(tmp_path / "logits.npy")!r}, _logits(sharded))
+        single = converted_checkpoint.load(ck.directory, "float32")
+        diff = float(np.abs(_logits(sharded) - _logits(single)).max())  # both on the same (CPU) backend
         layer = sharded.language_model.layers[0]
         spec = lambda v: list(v.get_value().sharding.spec)
         specs = {{n: spec(getattr(layer.self_attn, n)) for n in ("q_proj", "k_proj", "o_proj")}}
         specs["up"] = spec(layer.mlp.up_proj.kernel)
         specs["embed"] = spec(sharded.language_model.embed_tokens)
         shard_shape = layer.self_attn.q_proj.get_value().addressable_shards[0].data.shape
-        print(json.dumps({{"specs": specs, "shard": list(shard_shape), "devices": len(jax.devices())}}))
+        print(json.dumps({{"specs": specs, "shard": list(shard_shape), "diff": diff, "devices": len(jax.devices())}}))
     """, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
     assert result["devices"] == 2
     assert result["specs"] == {"q_proj": [None, "model", None], "k_proj": [None, "model", None],
                                "o_proj": ["model", None, None], "up": [None, "model"], "embed": ["model", None]}
     assert result["shard"] == [64, 2, 16]  # 4 query heads split over 2 devices
-    single = _logits(converted_checkpoint.load(dst, "float32"))
-    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), single, rtol=1e-5, atol=1e-5)
+    assert result["diff"] < 1e-4
 
 
 # A llava-hf checkpoint shaped like a small LLaMA (hidden 1024, 10 layers, vocab 32064) with a tiny tower.

@@ -1,0 +1,7 @@
+"""`python -m convert SRC DST [...]`, the same as `jaxvlm-convert`."""
+
+import sys
+
+from convert.cli import main
+
+sys.exit(main())
