@@ -1,7 +1,8 @@
 """The ``jaxvlm`` command: ``demo``, ``infer`` (resumable batch inference over JSONL), ``chat`` and ``convert``.
 
 Exit codes: 0 success, 1 failure (model not loadable, I/O error, ...), 2 usage error, 130 interrupted.
-Heavy imports (jax, the pipeline) happen only once a command needs a model, so ``--help`` is instant.
+Failures are reported in one line; set JAXVLM_DEBUG=1 to get the traceback instead. Heavy imports (jax, the
+pipeline) happen only once a command needs a model, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -217,17 +218,16 @@ def _exit_code(code: Any) -> int:
     return 1
 
 
-def _open_pipeline(args: argparse.Namespace, model: str | None = None):
-    """The pipeline for a command's engine options (tests replace this to stub the model side)."""
+def _open_pipeline(args: argparse.Namespace):
+    """The pipeline for a command's model and engine options (tests replace this to stub the model side)."""
     from jaxvlm.api import pipeline
     from jaxvlm.chat_template import ChatTemplateConfig
     from jaxvlm.config import EngineConfig
 
-    model = model or args.model
     engine = EngineConfig(tp=args.tp, dp=args.dp, session_len=args.session_len,
                           max_batch_size=args.max_batch_size, dtype=args.dtype)
     template = ChatTemplateConfig(model_name=args.chat_template) if args.chat_template else None
-    return pipeline(model, backend_config=engine, chat_template_config=template)
+    return pipeline(args.model, backend_config=engine, chat_template_config=template)
 
 
 def _base_gen_fields(args: argparse.Namespace) -> dict:
@@ -293,7 +293,7 @@ def _gradient_image():
 
     y, x = np.mgrid[0:48, 0:64]
     rgb = np.stack([x * 255 // 63, y * 255 // 47, (63 - x) * 255 // 63], axis=-1).astype(np.uint8)
-    return Image.fromarray(rgb, "RGB")
+    return Image.fromarray(rgb)  # uint8 height x width x 3: RGB
 
 
 # ================================================================================================ convert
@@ -321,7 +321,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 @dataclass
 class _Request:
-    key: str  # the id's canonical JSON text: 1 and "1" are different ids
     id: Any
     prompt: Any  # a pipeline prompt: str, (text, [images]) or a list of message dicts
     gen_config: Any  # GenerationConfig
@@ -331,22 +330,18 @@ class _Request:
 @dataclass
 class _Failed:
     record: dict  # a complete error record for the output
-    key: str | None  # None when the line had no usable id (the record is then keyed by "line")
-    line: int
 
 
 def _id_key(value: Any) -> str:
+    """The id's canonical JSON text: 1, 1.0 and "1" are three different ids."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _valid_id(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, str):
-        return True
-    if isinstance(value, int):
-        return True
-    return isinstance(value, float) and math.isfinite(value)
+    """Ids are JSON strings or numbers (bool is an int in Python, but not an id)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 def _error_record(id_value: Any, message: str, line: int | None = None) -> dict:
@@ -357,27 +352,31 @@ def _error_record(id_value: Any, message: str, line: int | None = None) -> dict:
     return record
 
 
-def parse_request(raw: bytes, line: int, base_gen: dict) -> _Request | _Failed | None:
-    """One input line -> a request, an error record, or None for a blank line."""
+def _read_line(raw: bytes, line: int) -> tuple[dict, Any] | _Failed | None:
+    """(the JSON object, its id) of one input line; an error record when it has no usable id; None if blank."""
     if not raw.strip():
         return None
     try:
         obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return _Failed(_error_record(line, f"line {line}: not valid JSON: {e}", line), None, line)
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+        return _Failed(_error_record(line, f"line {line}: not valid JSON: {e}", line))
     if not isinstance(obj, dict):
         return _Failed(_error_record(line, f"line {line}: expected a JSON object, got {type(obj).__name__}",
-                                     line), None, line)
+                                     line))
     if "id" not in obj or not _valid_id(obj["id"]):
         what = "has no \"id\"" if "id" not in obj else f"has an invalid id {obj['id']!r} (a string or a number)"
-        return _Failed(_error_record(line, f"line {line}: the request {what}", line), None, line)
-    rid, key = obj["id"], _id_key(obj["id"])
+        return _Failed(_error_record(line, f"line {line}: the request {what}", line))
+    return obj, obj["id"]
+
+
+def _make_request(obj: dict, rid: Any, line: int, size: int, base_gen: dict) -> _Request | _Failed:
+    """The pipeline request of a parsed line, or its error record (bad prompt or gen_config)."""
     try:
         prompt = _prompt_of(obj)
         gen = _request_gen_config(obj.get("gen_config"), base_gen)
     except ValueError as e:
-        return _Failed(_error_record(rid, f"line {line}: {e}"), key, line)
-    return _Request(key, rid, prompt, gen, len(raw))
+        return _Failed(_error_record(rid, f"line {line}: {e}"))
+    return _Request(rid, prompt, gen, size)
 
 
 def _prompt_of(obj: dict) -> Any:
@@ -476,6 +475,21 @@ def read_done(path: Path) -> tuple[set[str], set[int], int]:
     return keys, lines, bad
 
 
+def _lock(fd: int, path: Path) -> None:
+    """Two jobs appending to one output would each run the ids the other has not written yet: refuse that.
+
+    The lock is advisory and dies with the process, so a killed job never blocks its rerun.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no advisory locks to take
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RuntimeError(f"{path} is being written by another process (a jaxvlm infer still running?)") from None
+
+
 class _ResultWriter:
     """Appends one complete line per record with a single write(); fsyncs after each batch and every few s.
 
@@ -485,6 +499,11 @@ class _ResultWriter:
 
     def __init__(self, path: Path):
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            _lock(self.fd, path)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.last_sync = time.monotonic()
         self.unsynced = False
 
@@ -526,9 +545,10 @@ class _Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit="line", desc="infer", file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                       "[{elapsed}<{remaining}{postfix}]" if total else None)
+            # tqdm's own rate would count skipped and failed lines too; the postfix carries the real rates.
+            fmt = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} lines [{elapsed}<{remaining}{postfix}]"
+                   if total else "{desc}: {n_fmt} lines [{elapsed}{postfix}]")
+            self.bar = tqdm(total=total, desc="infer", file=sys.stderr, dynamic_ncols=True, bar_format=fmt)
 
     def write(self, message: str) -> None:
         if self.bar is not None:
@@ -603,23 +623,36 @@ class _InferJob:
         batch: list[_Request] = []
         batch_bytes = 0
         for number, raw in enumerate(lines, 1):
-            item = parse_request(raw, number, base)
-            if item is None:
+            head = _read_line(raw, number)
+            if head is None:  # a blank line
                 self.progress.line()
-            elif isinstance(item, _Failed):
-                self._failed(item)
-            elif self._skip(item.key, number):
+                continue
+            if isinstance(head, _Failed):  # no usable id: reported under its line number, once
+                if number in self.done_lines:
+                    self.stats.resumed += 1
+                    self.progress.line()
+                else:
+                    self._error(head.record)
+                continue
+            obj, rid = head
+            key = _id_key(rid)
+            if self._skip(key, number):  # before the prompt is checked: resuming skips done lines fast
                 self.progress.line()
-            else:
-                batch.append(item)
-                batch_bytes += item.size
-                if len(batch) >= self.args.batch_size or batch_bytes >= MAX_BATCH_BYTES:
-                    self._run_batch(batch)
-                    batch, batch_bytes = [], 0
+                continue
+            item = _make_request(obj, rid, number, len(raw), base)
+            if isinstance(item, _Failed):
+                self._error(item.record)
+                continue
+            batch.append(item)
+            batch_bytes += item.size
+            if len(batch) >= self.args.batch_size or batch_bytes >= MAX_BATCH_BYTES:
+                self._run_batch(batch)
+                batch, batch_bytes = [], 0
         if batch:
             self._run_batch(batch)
 
     def _skip(self, key: str, line: int) -> bool:
+        """Whether this id is already in the output, or was met earlier in the input (the first one wins)."""
         if key in self.done_keys:
             self.stats.resumed += 1
             return True
@@ -632,16 +665,8 @@ class _InferJob:
         self.seen.add(key)
         return False
 
-    def _failed(self, item: _Failed) -> None:
-        if item.key is None:
-            if item.line in self.done_lines:
-                self.stats.resumed += 1
-                self.progress.line()
-                return
-        elif self._skip(item.key, item.line):
-            self.progress.line()
-            return
-        self.writer.write(item.record)
+    def _error(self, record: dict) -> None:
+        self.writer.write(record)
         self.stats.errors += 1
         self.progress.line()
 
@@ -691,18 +716,8 @@ def _input_lines(source: str) -> tuple[BinaryIO, int | None]:
     return open(path, "rb"), _count_lines(path)
 
 
-def _cmd_infer(args: argparse.Namespace) -> int:
-    output = Path(args.output)
-    if args.input != "-" and output.exists() and Path(args.input).exists() \
-            and os.path.samefile(args.input, output):
-        raise UsageError("--input and --output are the same file")
-    if output.is_dir():
-        raise UsageError(f"--output {output} is a directory")
-    _gen_config(_base_gen_fields(args))  # a bad --gen-config is a usage error, before any work
-    started = time.perf_counter()
-    source, total = _input_lines(args.input)
-
-    output.parent.mkdir(parents=True, exist_ok=True)
+def _resume_state(output: Path) -> tuple[set[str], set[int]]:
+    """Repairs the output after a crash and reads what it already holds."""
     torn = repair_output(output)
     if torn:
         print(f"{PROG} infer: dropped a torn last line ({torn} bytes) from {output}", file=sys.stderr)
@@ -713,28 +728,55 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     if done_keys or done_lines:
         print(f"{PROG} infer: resuming: {len(done_keys) + len(done_lines)} result(s) already in {output}",
               file=sys.stderr)
+    return done_keys, done_lines
 
-    writer = _ResultWriter(output)
-    progress = _Progress(total, enabled=not args.no_progress)
-    job = _InferJob(args, writer, progress, done_keys, done_lines)
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if args.input != "-" and output.exists() and Path(args.input).exists() \
+            and os.path.samefile(args.input, output):
+        raise UsageError("--input and --output are the same file")
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a directory")
+    _gen_config(_base_gen_fields(args))  # a bad --gen-config is a usage error, before any work
+    started = time.perf_counter()
+    source, total = _input_lines(args.input)
     try:
+        stats = _run_infer(args, output, source, total)
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    if stats is None:
+        return 130
+    elapsed = time.perf_counter() - started
+    print(f"{PROG} infer: {stats.results} result(s) and {stats.errors} error(s) written to {output} in "
+          f"{elapsed:.1f} s; {stats.resumed} already there, {stats.duplicates} duplicate id(s) skipped",
+          file=sys.stderr)
+    return 0
+
+
+def _run_infer(args: argparse.Namespace, output: Path, source: BinaryIO, total: int | None) -> _Stats | None:
+    """Runs the job; returns its counts, or None when interrupted."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    writer = _ResultWriter(output)  # locks the output first: nothing else may append while it is repaired
+    progress = None
+    job = None
+    try:
+        done_keys, done_lines = _resume_state(output)
+        progress = _Progress(total, enabled=not args.no_progress)
+        job = _InferJob(args, writer, progress, done_keys, done_lines)
         job.run(iter(source))
     except KeyboardInterrupt:
         print(f"\n{PROG} infer: interrupted; finished results are in {output}: rerun the same command to "
               "resume", file=sys.stderr)
-        return 130
+        return None
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         writer.close()
-        if source is not sys.stdin.buffer:
-            source.close()
-        if job.pipe is not None:
+        if job is not None and job.pipe is not None:
             job.pipe.close()
-    s = job.stats
-    elapsed = time.perf_counter() - started
-    print(f"{PROG} infer: {s.results} result(s) and {s.errors} error(s) written to {output} in {elapsed:.1f} s; "
-          f"{s.resumed} already there, {s.duplicates} duplicate id(s) skipped", file=sys.stderr)
-    return 0
+    return job.stats
 
 
 # ================================================================================================ chat
@@ -800,6 +842,10 @@ def _chat_lines(interactive: bool) -> Iterator[str]:
     if not interactive:
         yield from sys.stdin
         return
+    try:
+        import readline  # noqa: F401 - gives input() line editing and history
+    except ImportError:
+        pass
     while True:
         try:
             yield input("user> ")

@@ -2,7 +2,8 @@
 
 Model-side tests use the tiny llava-hf fixture (CPU). One in-process pipeline is shared by the tests here through
 `cli._open_pipeline`, so the model compiles once; the subprocess runs use a private JAX compilation cache.
-Tests that only exercise the command's own logic replace the pipeline with `FakePipe`.
+Tests that only exercise the command's own logic replace the pipeline with `FakePipe`. `jaxvlm chat` driven
+through a real process's stdin is tested in test_demo.py, on the demo model.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def shared_pipe(llava15_hf, cache_dir):
 def use_shared_pipe(monkeypatch, shared_pipe):
     opened = []
 
-    def fake_open(args, model=None):
+    def fake_open(args):
         opened.append(args)
         assert args.session_len == SESSION_LEN
         return shared_pipe
@@ -108,7 +109,7 @@ def use_shared_pipe(monkeypatch, shared_pipe):
 @pytest.fixture
 def fake_pipe(monkeypatch):
     pipe = FakePipe()
-    monkeypatch.setattr(cli, "_open_pipeline", lambda args, model=None: pipe)
+    monkeypatch.setattr(cli, "_open_pipeline", lambda args: pipe)
     return pipe
 
 
@@ -156,7 +157,7 @@ def test_help_and_usage_errors(tmp_path, monkeypatch, capsys):
 
 
 def test_failures_exit_1(tmp_path, monkeypatch, capsys):
-    def broken(args, model=None):
+    def broken(args):
         raise OSError("cannot read the checkpoint")
 
     monkeypatch.setattr(cli, "_open_pipeline", broken)
@@ -272,6 +273,20 @@ def test_infer_resume_skips_done_and_drops_torn_line(tmp_path, fake_pipe, capsys
     assert fake_pipe.batches == [] and len(read_jsonl(dst)) == 11
 
 
+def test_infer_refuses_an_output_another_job_is_writing(tmp_path, fake_pipe, capsys):
+    import fcntl
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "hi"}])
+    dst = tmp_path / "out.jsonl"
+    with open(dst, "ab") as other_job:
+        fcntl.flock(other_job.fileno(), fcntl.LOCK_EX)
+        assert cli.main(["infer", "m", "-i", str(src), "-o", str(dst), "--no-progress"]) == 1
+        assert "another process" in capsys.readouterr().err
+    assert fake_pipe.batches == [] and dst.read_text() == ""
+    assert cli.main(["infer", "m", "-i", str(src), "-o", str(dst), "--no-progress"]) == 0  # lock released
+    assert len(read_jsonl(dst)) == 1
+
+
 def test_infer_repair_output_unit(tmp_path):
     path = tmp_path / "o.jsonl"
     assert cli.repair_output(path) == 0  # no file yet
@@ -298,7 +313,7 @@ INFER_BIG_SCRIPT = textwrap.dedent("""
         def close(self):
             pass
 
-    cli._open_pipeline = lambda args, model=None: Fake()
+    cli._open_pipeline = lambda args: Fake()
     import tqdm.auto  # imported by the progress bar anyway; not part of what is measured
     base = rss_kb("VmRSS")
     code = cli.main(["infer", "fake-model", "-i", sys.argv[1], "-o", sys.argv[2], "--batch-size", "500"])
@@ -394,28 +409,6 @@ def test_infer_resume_after_sigkill(tmp_path, cache_dir, llava15_hf, use_shared_
 # ------------------------------------------------------------------------------------------------ chat
 
 
-def test_chat_through_stdin(tmp_path, cache_dir, llava15_hf, shared_pipe, picture):
-    session_input = "\n".join([
-        "hello there",
-        f"/image {picture}",
-        "/bogus",
-        "what is in the picture?",
-        "/exit",
-        "this line is never sent",
-    ]) + "\n"
-    gen = GenerationConfig(max_new_tokens=6)  # the reference first: it fills the compilation cache
-    first = shared_pipe.chat("hello there", gen_config=gen)
-    second = shared_pipe.chat(("what is in the picture?", str(picture)), session=first, gen_config=gen)
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxvlm.cli", "chat", str(llava15_hf.path), "--session-len", str(SESSION_LEN),
-         "--max-new-tokens", "6"],
-        input=session_input, capture_output=True, text=True, encoding="utf-8", timeout=300, cwd=REPO,
-        env=subprocess_env(cache_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout == f"assistant> {first.history[0][1]}\nassistant> {second.response.text}\n"
-    assert "attached" in proc.stderr and "unknown command /bogus" in proc.stderr
-
-
 class _RecordingStdout(io.StringIO):
     def __init__(self):
         super().__init__()
@@ -450,7 +443,7 @@ def test_chat_streams_and_keeps_history(monkeypatch, capsys, picture):
         def close(self):
             StreamingFake.closed = True
 
-    monkeypatch.setattr(cli, "_open_pipeline", lambda args, model=None: StreamingFake())
+    monkeypatch.setattr(cli, "_open_pipeline", lambda args: StreamingFake())
     lines = ["/image /no/such/picture.png", f"/image {picture}", "first", "boom", "second", "/reset",
              "//slash", ""]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))

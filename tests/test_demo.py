@@ -1,4 +1,4 @@
-"""The embedded demo model (jaxvlm.demo) and the `jaxvlm demo` command.
+"""The embedded demo model (jaxvlm.demo), and the `jaxvlm demo` and `jaxvlm chat` commands run on it.
 
 The demo checkpoint is written with numpy only; transformers (the reference) must read it as a llava-hf
 LLaVA-1.5 checkpoint, tokenizer and chat template included, and generate the same tokens as jaxvlm.
@@ -21,6 +21,11 @@ from jaxvlm import cli, demo
 from jaxvlm.config import GenerationConfig
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(cache_root: Path) -> dict:
+    return dict(os.environ, JAXVLM_CACHE_DIR=str(cache_root), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+                PYTHONIOENCODING="utf-8", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def digests(directory: Path) -> dict[str, str]:
@@ -140,11 +145,9 @@ def test_demo_command(cache_root, demo_dir, demo_pipe):
     # What the command should print: the same request through the API (also fills the compilation cache).
     expected = demo_pipe((cli.DEMO_PROMPT, cli._gradient_image()), gen_config=GenerationConfig(max_new_tokens=24))
     stamp = (demo_dir / "jaxvlm_demo.json").stat().st_mtime_ns
-    env = dict(os.environ, JAXVLM_CACHE_DIR=str(cache_root), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-               PYTHONIOENCODING="utf-8", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "demo"], capture_output=True, text=True,
-                          encoding="utf-8", timeout=300, cwd=REPO, env=env)
+                          encoding="utf-8", timeout=300, cwd=REPO, env=subprocess_env(cache_root))
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -153,6 +156,36 @@ def test_demo_command(cache_root, demo_dir, demo_pipe):
     assert f"answer: {expected.text}\n" in out
     assert (demo_dir / "jaxvlm_demo.json").stat().st_mtime_ns == stamp  # the cached model was reused
     print(f"jaxvlm demo took {elapsed:.1f} s")
+
+
+def test_chat_through_stdin(tmp_path, cache_root, demo_dir, demo_pipe):
+    picture = tmp_path / "stripes.png"
+    image = Image.new("RGB", (48, 36), (20, 160, 90))
+    for x in range(0, 48, 6):
+        for y in range(36):
+            image.putpixel((x, y), (230, 40, 40))
+    image.save(picture)
+    session_input = "\n".join([
+        "describe the sky",
+        f"/image {picture}",
+        "/bogus",
+        "what is in the picture?",
+        "/exit",
+        "this line is never sent",
+    ]) + "\n"
+    gen = GenerationConfig(max_new_tokens=6)  # the reference first: it fills the compilation cache
+    session = demo_pipe.chat("describe the sky", gen_config=gen)
+    first = session.response  # chat() updates and returns the same session object
+    second = demo_pipe.chat(("what is in the picture?", str(picture)), session=session, gen_config=gen).response
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxvlm.cli", "chat", str(demo_dir), "--max-new-tokens", "6"],
+        input=session_input, capture_output=True, text=True, encoding="utf-8", timeout=300, cwd=REPO,
+        env=subprocess_env(cache_root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Two streamed answers, the second one with the first turn and the image in its context.
+    assert proc.stdout == f"assistant> {first.text}\nassistant> {second.text}\n"
+    assert second.input_token_len > first.input_token_len + first.generate_token_len + 4
+    assert "attached" in proc.stderr and "unknown command /bogus" in proc.stderr
 
 
 def test_demo_with_unreadable_image_fails_before_building(tmp_path, capsys):
