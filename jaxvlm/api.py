@@ -9,8 +9,10 @@ finish_reason='error'; the others are unaffected.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
@@ -150,18 +152,34 @@ class Pipeline:
                 text = text[:cut]
         return text
 
-    def _items(self, prompts, gen_config):
-        single_list, was_batch = ([prompts], False) if isinstance(prompts, Conversation) else split_batch(prompts)
-        gens = self._gen_configs(gen_config, len(single_list))
-        convs: list[Conversation | Exception] = []
-        for p in single_list:
-            try:
-                convs.append(p if isinstance(p, Conversation) else normalize_prompt(p))
-            except ValueError as e:
-                if not was_batch:
-                    raise
-                convs.append(e)  # in a batch, a malformed prompt fails alone
-        return [(i, c, g) for i, (c, g) in enumerate(zip(convs, gens))], was_batch
+    def _items(self, prompts, gen_config) -> tuple[Iterable, bool, int | None]:
+        """(lazy (index, conversation-or-error, gen_config) items, was_batch, count if known).
+
+        A list is a batch; an iterator (e.g. a generator over a huge file) is a batch consumed lazily, so the
+        engine's slots stay full without the prompts ever being held at once."""
+        if isinstance(prompts, Conversation):
+            single_list, was_batch = [prompts], False
+        elif isinstance(prompts, collections.abc.Iterator):
+            if not (gen_config is None or isinstance(gen_config, GenerationConfig)):
+                raise TypeError("with an iterator of prompts, gen_config must be one GenerationConfig")
+            single_list, was_batch = prompts, True
+        else:
+            single_list, was_batch = split_batch(prompts)
+        count = len(single_list) if isinstance(single_list, list) else None
+        gens = self._gen_configs(gen_config, count) if count is not None else itertools.repeat(
+            gen_config or GenerationConfig())
+        if count is not None and not was_batch:  # a malformed single prompt raises here, before any work
+            conv = single_list[0]
+            single_list = [conv if isinstance(conv, Conversation) else normalize_prompt(conv)]
+
+        def items():
+            for i, (p, g) in enumerate(zip(single_list, gens)):
+                try:
+                    yield i, (p if isinstance(p, Conversation) else normalize_prompt(p)), g
+                except ValueError as e:
+                    yield i, e, g  # in a batch, a malformed prompt fails alone
+
+        return items(), was_batch, count
 
     def _check_open(self):
         if self._closed:
@@ -171,9 +189,9 @@ class Pipeline:
 
     def infer(self, prompts, gen_config=None, use_tqdm: bool = False, **kwargs) -> Response | list[Response]:
         self._check_open()
-        items, was_batch = self._items(prompts, gen_config)
-        results: list[Response | None] = [None] * len(items)
-        bar = _progress(len(items)) if use_tqdm else None
+        items, was_batch, count = self._items(prompts, gen_config)
+        results: dict[int, Response] = {}
+        bar = _progress(count) if use_tqdm else None
         for event in self.engine.generate(self._requests(items)):
             if event.finished:
                 results[event.seq.request.index] = self._response(event, self._final_text(event))
@@ -181,7 +199,8 @@ class Pipeline:
                     bar.update(1)
         if bar is not None:
             bar.close()
-        return results if was_batch else results[0]
+        ordered = [results[i] for i in range(len(results))]
+        return ordered if was_batch else ordered[0]
 
     __call__ = infer
     batch_infer = infer
@@ -189,7 +208,7 @@ class Pipeline:
     def stream_infer(self, prompts, gen_config=None, **kwargs) -> Iterator[Response]:
         """Yields Response deltas: `text`/`token_ids` are the new part, `index` names the prompt."""
         self._check_open()
-        items, _ = self._items(prompts, gen_config)
+        items, _, _ = self._items(prompts, gen_config)
         shown: dict[int, str] = {}
         held: dict[int, list[int]] = collections.defaultdict(list)  # tokens whose text is not out yet
         for event in self.engine.generate(self._requests(items)):
