@@ -18,7 +18,7 @@ from jaxvlm import vl
 from jaxvlm.chat_template import ChatTemplate
 from jaxvlm.config import GenerationConfig
 from jaxvlm.image_processing import ImageProcessor, ProcessedImage
-from jaxvlm.model_config import LlavaConfig, read_json
+from jaxvlm.model_config import ConfigError, LlavaConfig, read_json
 from jaxvlm.prompts import Conversation
 from jaxvlm.scheduler import EngineRequest, ImageInput
 
@@ -33,6 +33,8 @@ class InputProcessor:
         self.image_processor = image_processor
         self.template = template
         self.eos_ids = frozenset(eos_ids)
+        # Limits for loading prompt images; None defers to vl.DEFAULT_FETCH_POLICY at each load.
+        self.fetch_policy: vl.FetchPolicy | None = None
         if config.image_token_index is not None:
             self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_index)
 
@@ -41,7 +43,15 @@ class InputProcessor:
                         template: ChatTemplate) -> "InputProcessor":
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        except Exception as e:  # transformers' own message never says which directory it looked in
+            found = sorted(p.name for p in Path(tokenizer_dir).glob("tokenizer*"))
+            raise ConfigError(
+                f"{tokenizer_dir}: cannot load the tokenizer (tokenizer files there: {found or 'none'}; expected "
+                f"tokenizer.json or tokenizer.model with tokenizer_config.json): {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            ) from e
         raw = read_json(model_dir / "config.json")
         if config.checkpoint_format == "llava-hf":
             pre = model_dir / "preprocessor_config.json"
@@ -75,10 +85,14 @@ class InputProcessor:
             if bos is not None and ids[:2] == [bos, bos]:  # a template that writes <s> itself
                 ids = ids[1:]
             marks = np.flatnonzero(np.asarray(ids) == self.config.image_token_index)
-            starts = [int(m) for i, m in enumerate(marks) if i == 0 or marks[i - 1] != m - 1]
-            if [int(np.sum(np.asarray(ids)[s : s + n] == self.config.image_token_index)) for s, n in
-                    zip(starts, counts)] != counts:
-                raise ValueError("the prompt text itself contains the model's image token; remove it")
+            offsets = np.cumsum([0, *counts])
+            # Each image is one contiguous run of its own length (adjacent images' runs may touch).
+            if len(marks) != offsets[-1] or any(
+                marks[hi - 1] - marks[lo] != hi - 1 - lo for lo, hi in zip(offsets[:-1], offsets[1:]) if hi > lo
+            ):
+                raise ValueError("the prompt text itself contains the model's image token "
+                                 f"{self.image_token!r}; remove it or place images with {vl.IMAGE_TOKEN}")
+            starts = [int(marks[lo]) for lo in offsets[:-1]]
             return ids, starts
         ids, starts = [], []
         bos = self.tokenizer.bos_token_id
@@ -129,8 +143,9 @@ class InputProcessor:
     def make_request(self, index: int, conv: Conversation, gen: GenerationConfig,
                      images: list[Image.Image] | None = None) -> EngineRequest:
         """`images`: the conversation's images already loaded (else they are loaded here)."""
+        _check_encodable(conv.messages)  # before any image is fetched
         if images is None:
-            images = [vl.load_image(src) for src in conv.images]
+            images = [vl.load_image(src, policy=self.fetch_policy) for src in conv.images]
         processed = [self.preprocess_image(im) for im in images]
         prompt = self.template.render(conv.messages)
         ids, starts = self._tokenize(prompt, [len(layout) for _, layout in processed])
@@ -144,6 +159,18 @@ class InputProcessor:
             stop_strings=strings,
             bad_ids=bad,
         )
+
+
+def _check_encodable(messages: list[dict]) -> None:
+    """Lone surrogates (e.g. from bytes decoded with errors='surrogateescape') cannot be tokenized; the
+    tokenizer's own error does not say why, so name the message, the character and where it is."""
+    for i, message in enumerate(messages):
+        text = message["content"]
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"message {i} is not valid Unicode text: {text[e.start:e.end]!r} at character {e.start} "
+                             f"({e.reason}); pass text decoded from UTF-8, not bytes or surrogate escapes") from None
 
 
 def _maybe_json(path: Path) -> dict:
