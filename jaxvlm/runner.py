@@ -53,6 +53,13 @@ def _pow2_at_least(n: int, floor: int = 1) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+def _length_bucket(n: int, floor: int) -> int:
+    """Powers of two up to 512, then multiples of 256: padding stays under 1/3 for long sequences (prefill
+    is compute-bound and decode bandwidth-bound, so padded columns cost in proportion) while the number of
+    distinct programs stays small."""
+    return _pow2_at_least(n, floor) if n <= 512 else -(-n // 256) * 256
+
+
 @dataclasses.dataclass
 class Buckets:
     """The shapes programs are compiled for; every request is padded up to one of them."""
@@ -60,18 +67,12 @@ class Buckets:
     max_len: int  # cache length per slot (session_len)
     max_prefill_tokens: int
     num_slots: int
-    prefill_lengths: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        if not self.prefill_lengths:
-            lengths, n = [], 32
-            while n < self.max_len:
-                lengths.append(n)
-                n *= 2
-            self.prefill_lengths = tuple(lengths) + (self.max_len,)
+    prefill_lengths: tuple[int, ...] = ()  # explicit buckets (EngineConfig.prefill_buckets), else the rule
 
     def prefill_length(self, n: int) -> int:
-        return next(b for b in self.prefill_lengths if b >= n)
+        if self.prefill_lengths:
+            return next((b for b in self.prefill_lengths if b >= n), self.max_len)
+        return min(self.max_len, _length_bucket(n, 32))
 
     def prefill_batch(self, n: int, length: int) -> int:
         """Rows of a prefill of n prompts padded to `length`: a power of two within the token budget."""
@@ -79,13 +80,12 @@ class Buckets:
         return min(_pow2_at_least(n), 1 << (cap.bit_length() - 1))
 
     def kv_length(self, longest: int) -> int:
-        """Cache columns a decode step reads: powers of two up to 512, then multiples of 256 (decode is
-        bandwidth-bound, so reading 1024 columns for a 700-token batch would cost 40% more)."""
-        n = _pow2_at_least(longest, 64) if longest <= 512 else -(-longest // 256) * 256
-        return min(self.max_len, n)
+        """Cache columns a decode step reads (the longest running sequence, bucketed)."""
+        return min(self.max_len, _length_bucket(longest, 64))
 
     def tiles(self, n: int) -> int:
-        return _pow2_at_least(n)
+        """Vision batch: exact up to 8 tiles (a NeXT image is 3 or 5), then powers of two."""
+        return n if n <= 8 else _pow2_at_least(n)
 
 
 class ModelRunner:
