@@ -170,12 +170,12 @@ class Pipeline:
             gen_config or GenerationConfig())
         if count is not None and not was_batch:  # a malformed single prompt raises here, before any work
             conv = single_list[0]
-            single_list = [conv if isinstance(conv, Conversation) else normalize_prompt(conv)]
+            single_list = [normalize_prompt(conv)]  # a Conversation passed in is checked (and copied) too
 
         def items():
             for i, (p, g) in enumerate(zip(single_list, gens)):
                 try:
-                    yield i, (p if isinstance(p, Conversation) else normalize_prompt(p)), g
+                    yield i, normalize_prompt(p), g
                 except ValueError as e:
                     yield i, e, g  # in a batch, a malformed prompt fails alone
 

@@ -161,7 +161,11 @@ def _vision_tower_dir(source: str, override: str | None) -> Path | None:
 def inspect_checkpoint(model_dir: Path, vision_tower_path: str | None = None) -> CheckpointInfo:
     """Reads the config of a local checkpoint directory of either format."""
     cfg = read_json(model_dir / "config.json")
-    if detect_format(cfg) == "llava-hf":
+    try:
+        fmt = detect_format(cfg)
+    except ConfigError as e:  # say which config.json: the model path may be a hub id resolved to a cache dir
+        raise ConfigError(f"{model_dir / 'config.json'}: {e}") from None
+    if fmt == "llava-hf":
         return CheckpointInfo(llava_config_from_hf(cfg), model_dir, (model_dir,))
     source = cfg.get("mm_vision_tower") or ""
     tower_dir = _vision_tower_dir(source, vision_tower_path) if (source or vision_tower_path) else None
