@@ -178,7 +178,9 @@ class Engine:
             if group:
                 pending.append((list(group), self._prefill(group)))
                 dispatched = True
-            running = [s for s in sched.running.values() if s.status == Status.RUNNING]
+            # Prefill gives each sequence its first token: only those wanting more need a decode step.
+            running = [s for s in sched.running.values()
+                       if s.status == Status.RUNNING and 1 + s.decode_dispatched < s.max_new_tokens]
             if running:
                 owners: list[Sequence | None] = [None] * r.buckets.num_slots
                 for s in running:

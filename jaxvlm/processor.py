@@ -79,21 +79,23 @@ class InputProcessor:
         if len(parts) - 1 != len(counts):
             raise ValueError(f"the rendered prompt has {len(parts) - 1} image markers for {len(counts)} images")
         if self.config.checkpoint_format == "llava-hf":
-            text = parts[0] + "".join(self.image_token * n + p for n, p in zip(counts, parts[1:]))
-            ids = self.tokenizer(text).input_ids
+            # One image token per image, expanded to its feature count afterwards: the same ids as tokenizing the
+            # expanded text (a special token splits the text alike once or 2,340 times), much faster.
+            ids = self.tokenizer(parts[0] + "".join(self.image_token + p for p in parts[1:])).input_ids
             bos = self.tokenizer.bos_token_id
             if bos is not None and ids[:2] == [bos, bos]:  # a template that writes <s> itself
                 ids = ids[1:]
-            marks = np.flatnonzero(np.asarray(ids) == self.config.image_token_index)
-            offsets = np.cumsum([0, *counts])
-            # Each image is one contiguous run of its own length (adjacent images' runs may touch).
-            if len(marks) != offsets[-1] or any(
-                marks[hi - 1] - marks[lo] != hi - 1 - lo for lo, hi in zip(offsets[:-1], offsets[1:]) if hi > lo
-            ):
+            marks = [i for i, t in enumerate(ids) if t == self.config.image_token_index]
+            if len(marks) != len(counts):
                 raise ValueError("the prompt text itself contains the model's image token "
                                  f"{self.image_token!r}; remove it or place images with {vl.IMAGE_TOKEN}")
-            starts = [int(marks[lo]) for lo in offsets[:-1]]
-            return ids, starts
+            expanded, starts, prev = [], [], 0
+            for mark, n in zip(marks, counts):
+                expanded += ids[prev:mark]
+                starts.append(len(expanded))
+                expanded += [self.config.image_token_index] * n
+                prev = mark + 1
+            return expanded + ids[prev:], starts
         ids, starts = [], []
         bos = self.tokenizer.bos_token_id
         for i, part in enumerate(parts):
