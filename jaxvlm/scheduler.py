@@ -98,7 +98,8 @@ class Scheduler:
         while self.waiting and self.free_slots:
             seq = self.waiting[0]
             new_longest = max(longest, seq.prompt_len)
-            cost = length_bucket(new_longest) * (len(group) + 1)
+            rows = 1 << len(group).bit_length()  # prefill rows are padded to a power of two
+            cost = length_bucket(new_longest) * rows
             too_many_tiles = self.max_prefill_tiles is not None and tiles + seq.num_tiles > self.max_prefill_tiles
             if group and (cost > self.max_prefill_tokens or too_many_tiles):
                 break

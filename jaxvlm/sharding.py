@@ -72,8 +72,8 @@ def placer(mesh: Mesh):
 
 
 def cache_spec(mesh: Mesh, num_kv_heads: int) -> P:
-    """KV cache [slots, len, kv_heads, head_dim]: slots over dp, heads over tp."""
-    return P(DP, None, TP if kv_shards(mesh, num_kv_heads) > 1 else None, None)
+    """KV cache [slots, kv_heads, len, head_dim]: slots over dp, heads over tp."""
+    return P(DP, TP if kv_shards(mesh, num_kv_heads) > 1 else None, None, None)
 
 
 def state_shardings(mesh: Mesh, num_kv_heads: int, cache, state):

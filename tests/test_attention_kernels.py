@@ -13,8 +13,8 @@ from jaxvlm.kernels import attention
 def _qkv(seed, s=3, h=4, kvh=2, t=256, d=32, dtype=jnp.float32):
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(k1, (s, h, d), dtype)
-    k = jax.random.normal(k2, (s, t, kvh, d), dtype)
-    v = jax.random.normal(k3, (s, t, kvh, d), dtype)
+    k = jax.random.normal(k2, (s, kvh, t, d), dtype)
+    v = jax.random.normal(k3, (s, kvh, t, d), dtype)
     return q, k, v
 
 
@@ -22,12 +22,12 @@ def _naive(q, k, v, lengths):
     """Per-slot softmax attention over the first `length` entries, written out in numpy."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     s, h, d = q.shape
-    group = h // k.shape[2]
+    group = h // k.shape[1]
     out = np.zeros_like(q)
     for i in range(s):
         n = int(lengths[i])
         for j in range(h):
-            kk, vv = k[i, :n, j // group], v[i, :n, j // group]
+            kk, vv = k[i, j // group, :n], v[i, j // group, :n]
             w = kk @ q[i, j] / np.sqrt(d)
             w = np.exp(w - w.max())
             out[i, j] = (w / w.sum()) @ vv
@@ -61,7 +61,7 @@ def test_prefill_xla_is_causal_attention():
     v = jax.random.normal(keys[2], (b, l, kvh, d))
     out = np.asarray(attention.prefill_attention(q, k, v, impl="xla"))
     for t in range(l):  # position t attends to 0..t: decode attention with length t+1 over the prefix
-        step = attention.decode_attention(q[:, t], k, v, jnp.full((b,), t + 1), impl="xla")
+        step = attention.decode_attention(q[:, t], k.swapaxes(1, 2), v.swapaxes(1, 2), jnp.full((b,), t + 1), impl="xla")
         np.testing.assert_allclose(out[:, t], np.asarray(step), atol=1e-5)
 
 

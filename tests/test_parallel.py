@@ -173,8 +173,8 @@ def test_weights_and_cache_are_split(jobs):
     assert check(m, "down_proj", ["model", None], (f // 8, d), 8, 1) == 8
     assert check(m, "embed_tokens", ["model", None], (v // 8, d), 8, 1) == 8
     assert check(m, "lm_head", [None, "model"], (d, v // 8), 8, 1) == 8
-    for cache in ("k_cache", "v_cache"):  # [slots, len, kv_heads, head_dim]: one KV head per device
-        assert check(m, cache, ["data", None, "model", None], (slots, length, 1, hd), 8, 1) == 8
+    for cache in ("k_cache", "v_cache"):  # [slots, kv_heads, len, head_dim]: one KV head per device
+        assert check(m, cache, ["data", "model", None, None], (slots, 1, length, hd), 8, 1) == 8
     # The vision tower and projector are replicated: each device holds the whole matrix.
     for name, shape in (("vision_q_proj", (32, 32)), ("vision_fc1", (32, 80)),
                         ("vision_patch_embedding", (3 * 8 * 8, 32)), ("projector", (32, d))):
@@ -185,7 +185,7 @@ def test_weights_and_cache_are_split(jobs):
     m = mha["4,2"]
     assert check(m, "q_proj", [None, "model", None], (d, 2, hd), 4, 2) == 4
     assert check(m, "down_proj", ["model", None], (f // 4, d), 4, 2) == 4
-    assert check(m, "k_cache", ["data", None, "model", None], (slots // 2, length, 2, hd), 4, 2) == 8
+    assert check(m, "k_cache", ["data", "model", None, None], (slots // 2, 2, length, hd), 4, 2) == 8
     assert check(m, "vision_fc1", [None, None], (32, 80), 4, 2) == 1
     assert m["vision_tower_split"] == []
 
@@ -195,13 +195,13 @@ def test_weights_and_cache_are_split(jobs):
     assert check(g, "o_proj", ["model", None, None], (1, hd, d), 8, 1) == 8
     assert check(g, "k_proj", [None, None, None], (d, 2, hd), 8, 1) == 1
     assert check(g, "v_proj", [None, None, None], (d, 2, hd), 8, 1) == 1
-    assert check(g, "k_cache", ["data", None, None, None], (slots, length, 2, hd), 8, 1) == 1
+    assert check(g, "k_cache", ["data", None, None, None], (slots, 2, length, hd), 8, 1) == 1
     assert check(g, "gate_proj", [None, "model"], (d, f // 8), 8, 1) == 8
     assert g["vision_tower_split"] == []
     # dp=4 x tp=2 divides the 2 KV heads again: one KV head and one slot per device.
     g = gqa["2,4"]
     assert check(g, "k_proj", [None, "model", None], (d, 1, hd), 2, 4) == 2
-    assert check(g, "k_cache", ["data", None, "model", None], (1, length, 1, hd), 2, 4) == 8
+    assert check(g, "k_cache", ["data", "model", None, None], (1, 1, length, hd), 2, 4) == 8
 
     # Layouts that do not fit: ValueError naming tp and the head or device counts.
     assert gqa["3,1"]["error"] == "tp=3 does not divide the model's 8 attention heads"

@@ -45,7 +45,7 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str | N
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
                      impl: str | None = None) -> jax.Array:
-    """One query per slot. q [S, H, D]; caches [S, T, KVH, D]; lengths [S] (filled prefix) -> [S, H, D].
+    """One query per slot. q [S, H, D]; caches [S, KVH, T, D]; lengths [S] (filled prefix) -> [S, H, D].
 
     Only the first `lengths[s]` cache entries of slot s contribute. The XLA path reads all T columns it is
     given, so the caller slices the cache to a length bucket first; the Pallas path stops at each slot's length.
@@ -54,23 +54,25 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     if impl == "pallas":
         return _decode_pallas(q, k_cache, v_cache, lengths)
     s, h, d = q.shape
-    t, kvh = k_cache.shape[1], k_cache.shape[2]
+    kvh, t = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(s, kvh, h // kvh, d)
-    scores = jnp.einsum("skgd,stkd->skgt", qg, k_cache, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.einsum("skgd,sktd->skgt", qg, k_cache, preferred_element_type=jnp.float32) / math.sqrt(d)
     valid = jnp.arange(t)[None, :] < lengths[:, None]
     scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("skgt,stkd->skgd", probs, v_cache, preferred_element_type=jnp.float32)
+    out = jnp.einsum("skgt,sktd->skgd", probs, v_cache, preferred_element_type=jnp.float32)
     return out.reshape(s, h, d).astype(q.dtype)
 
 
 def _decode_pallas(q, k_cache, v_cache, lengths, interpret: bool = False):
     from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
 
-    t = k_cache.shape[1]
+    t = k_cache.shape[2]
     block_k = min(128, t)
+    # The kernel wants [S, T, KVH, D] and swaps to heads-major itself; handing it the swapped view of our
+    # heads-major cache lets XLA cancel the two transposes instead of copying the cache.
     return pallas_decode.gqa(
-        q, k_cache, v_cache, kv_seq_len=lengths,
+        q, jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2), kv_seq_len=lengths,
         block_k=block_k, k_splits=max(1, min(16, t // block_k)), interpret=interpret,
     )
 
