@@ -149,40 +149,14 @@ def write_weights(
 ) -> dict[str, dict[str, list[int]]]:
     """Streams a source checkpoint's tensors into `directory/weights/<group>` in `dtype`.
 
-    The name mapping and transforms are `params.target`'s, and the checks (unexpected, duplicate, misshapen and
-    missing tensors) the same as `params.load_model`'s. That function is not reused as is because it hands out
-    a cast copy in the source's memory order: a transposed kernel then costs one more full copy inside Orbax;
-    here transform, cast and C order are one copy. Returns the marker's table {group: {parameter name: shape}}.
+    The name mapping, transforms and checks are `params.mapped_tensors`', as for `params.load_model`; here the
+    transform, cast and C order are one copy (a cast in the source's memory order would cost Orbax another). Returns the marker's table {group: {parameter name: shape}}.
     """
-    cfg = info.config
     np_dtype = jnp.dtype(dtype)
-    _, slots = _abstract_params(cfg, np_dtype)
+    _, slots = _abstract_params(info.config, np_dtype)
     writer = GroupWriter(Path(directory) / WEIGHTS_DIR, slots)
-    done: set[Path_] = set()
-    for name, canon, array in tensors if tensors is not None else params.iter_model_tensors(info):
-        hit = params.target(canon, cfg)
-        if hit is None:
-            if canon.startswith("vt.encoder.layers.") or canon == "lm.lm_head.weight" and cfg.text.tie_word_embeddings:
-                continue  # tower layers past the selected feature layer; a tied head saved anyway
-            raise ConfigError(f"unexpected tensor {name!r} in {info.model_dir}")
-        path, transform = hit
-        if path not in slots:
-            raise ConfigError(f"tensor {name!r} has no place in this model config (parameter {param_name(path)})")
-        if path in done:
-            raise ConfigError(f"tensor {name!r} appears twice in {info.model_dir}")
-        value = transform(array)
-        if value.shape != slots[path].shape:
-            raise ConfigError(
-                f"tensor {name!r} has shape {tuple(array.shape)}, which does not fit parameter {param_name(path)} "
-                f"of shape {slots[path].shape} (config {info.model_dir / 'config.json'})"
-            )
-        del array  # only the converted copy is buffered
-        writer.add(path, np.ascontiguousarray(value, dtype=np_dtype))
-        done.add(path)
-    missing = [param_name(p) for p in slots if p not in done]
-    if missing:
-        raise ConfigError(f"checkpoint {info.model_dir} lacks tensors for: {', '.join(missing[:8])}"
-                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    for path, value in params.mapped_tensors(info, {p: v.shape for p, v in slots.items()}, tensors):
+        writer.add(path, np.ascontiguousarray(value, dtype=np_dtype))  # transform, cast and C order: one copy
     return {g: {param_name(p): list(slots[p].shape) for p in paths} for g, paths in writer.groups.items()}
 
 

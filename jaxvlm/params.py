@@ -209,6 +209,45 @@ def iter_model_tensors(info: CheckpointInfo) -> Iterator[tuple[str, str, np.ndar
                 yield name, canon, array
 
 
+def param_name(path: tuple) -> str:
+    return ".".join(map(str, path))
+
+
+def mapped_tensors(info: CheckpointInfo, shapes: dict[tuple, tuple],
+                   tensors: Iterator[tuple[str, str, np.ndarray]] | None = None) -> Iterator[tuple[tuple, np.ndarray]]:
+    """(parameter path, value in the parameter's layout) for every tensor the model uses, in file order.
+
+    Checks that every tensor has a place, appears once and fits its parameter's shape (`shapes`), and at the
+    end that no parameter was left without a tensor; each error names the tensor or parameter. The value may be
+    a view of the source array (a transpose), so the caller decides when and how to copy it.
+    """
+    cfg = info.config
+    done: set[tuple] = set()
+    for name, canon, array in tensors if tensors is not None else iter_model_tensors(info):
+        hit = target(canon, cfg)
+        if hit is None:
+            if canon.startswith("vt.encoder.layers.") or canon == "lm.lm_head.weight" and cfg.text.tie_word_embeddings:
+                continue  # layers past the selected feature layer; a tied head saved anyway
+            raise ConfigError(f"unexpected tensor {name!r} in {info.model_dir}")
+        path, transform = hit
+        if path not in shapes:
+            raise ConfigError(f"tensor {name!r} has no place in this model config (parameter {param_name(path)})")
+        if path in done:
+            raise ConfigError(f"tensor {name!r} appears twice in {info.model_dir}")
+        value = np.asarray(transform(array))
+        if value.shape != tuple(shapes[path]):
+            raise ConfigError(
+                f"tensor {name!r} has shape {tuple(array.shape)}, which does not fit parameter "
+                f"{param_name(path)} of shape {tuple(shapes[path])} (config {info.model_dir / 'config.json'})"
+            )
+        done.add(path)
+        yield path, value
+    missing = [param_name(p) for p in shapes if p not in done]
+    if missing:
+        raise ConfigError(f"checkpoint {info.model_dir} lacks tensors for: {', '.join(missing[:8])}"
+                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
+
 def load_model(
     info: CheckpointInfo,
     dtype,
@@ -219,34 +258,13 @@ def load_model(
 
     `place(path, axes, host_array)` puts one parameter on its devices (default: the default device); the tensor
     parallel engine passes one that shards. Missing, unexpected-shape or duplicate tensors are errors that name
-    the tensor.
+    the tensor (`mapped_tensors`).
     """
-    cfg = info.config
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llava(cfg, dtype)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llava(info.config, dtype)))
     slots = {path: var for path, var in nnx.to_flat_state(state)}
     place = place or (lambda path, axes, a: jax.device_put(a))
-    filled: dict[tuple, nnx.Variable] = {}
-    for name, canon, array in tensors if tensors is not None else iter_model_tensors(info):
-        hit = target(canon, cfg)
-        if hit is None:
-            if canon.startswith("vt.encoder.layers.") or canon == "lm.lm_head.weight" and cfg.text.tie_word_embeddings:
-                continue  # layers past the selected feature layer; a tied head saved anyway
-            raise ConfigError(f"unexpected tensor {name!r} in {info.model_dir}")
-        path, transform = hit
-        if path not in slots:
-            raise ConfigError(f"tensor {name!r} has no place in this model config (parameter {'.'.join(map(str, path))})")
-        if path in filled:
-            raise ConfigError(f"tensor {name!r} appears twice in {info.model_dir}")
-        var = slots[path]
-        value = np.asarray(transform(array))
-        if value.shape != var.shape:
-            raise ConfigError(
-                f"tensor {name!r} has shape {tuple(array.shape)}, which does not fit parameter "
-                f"{'.'.join(map(str, path))} of shape {var.shape} (config {info.model_dir / 'config.json'})"
-            )
-        filled[path] = var.replace(value=place(path, var.get_metadata().get("axes"), value.astype(dtype)))
-    missing = [".".join(map(str, p)) for p in slots if p not in filled]
-    if missing:
-        raise ConfigError(f"checkpoint {info.model_dir} lacks tensors for: {', '.join(missing[:8])}"
-                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    return nnx.merge(graphdef, nnx.from_flat_state(list(filled.items())))
+    filled = {
+        path: slots[path].replace(value=place(path, slots[path].get_metadata().get("axes"), value.astype(dtype)))
+        for path, value in mapped_tensors(info, {p: v.shape for p, v in slots.items()}, tensors)
+    }
+    return nnx.merge(graphdef, nnx.from_flat_state([(p, filled[p]) for p in slots]))

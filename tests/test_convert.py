@@ -260,7 +260,7 @@ def test_failed_conversion_leaves_nothing(llava15_hf, tmp_path, capsys):
     save_file(tensors, weights)
     out = tmp_path / "out"
     assert convert.main([str(src), str(out), "--quiet"]) == 1
-    assert "lacks tensors for: language_model/layers/1/mlp/down_proj/kernel" in capsys.readouterr().err
+    assert "lacks tensors for: language_model.layers.1.mlp.down_proj.kernel" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
