@@ -241,7 +241,7 @@ class DecoderLayer(nnx.Module):
         slot = jnp.arange(x.shape[0])
         k_cache = k_cache.at[slot, :, positions].set(k[:, 0].astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[slot, :, positions].set(v[:, 0].astype(v_cache.dtype), mode="drop")
-        attn = decode_attention(q[:, 0], k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], positions + 1)
+        attn = decode_attention(q[:, 0], k_cache, v_cache, positions + 1, kv_len)
         x = x + self.self_attn.out(attn)
         return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
 

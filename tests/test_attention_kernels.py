@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvlm.kernels import attention
+from jaxvlm.kernels import attention, ragged_decode
 
 
 def _qkv(seed, s=3, h=4, kvh=2, t=256, d=32, dtype=jnp.float32):
@@ -42,15 +42,28 @@ def test_decode_xla_matches_naive():
     np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, lengths), atol=1e-5)
 
 
-def test_decode_pallas_matches_xla():
-    q, k, v = _qkv(1)
-    lengths = jnp.asarray([1, 129, 256])
-    ref = attention.decode_attention(q, k, v, lengths, impl="xla")
-    if jax.default_backend() == "gpu":
-        out = attention.decode_attention(q, k, v, lengths, impl="pallas")
-    else:
-        out = attention.decode_attention_pallas_interpret(q, k, v, lengths)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-3 if jax.default_backend() == "gpu" else 1e-5)
+@pytest.mark.parametrize("shape", [(3, 4, 2, 256, 32), (2, 4, 4, 128, 16), (5, 32, 32, 1024, 128)])
+def test_decode_pallas_matches_xla(shape):
+    """The ragged kernel (interpret mode on CPU, Triton on GPU) against the XLA path, f32 and bf16 caches."""
+    s, h, kvh, t, d = shape
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        q, k, v = _qkv(1, s, h, kvh, t, d, dtype)
+        lengths = jnp.asarray(np.random.default_rng(s).integers(1, t + 1, size=s))
+        with jax.default_matmul_precision("highest"):
+            ref = attention.decode_attention(q, k, v, lengths, impl="xla")
+        if jax.default_backend() == "gpu":
+            out = attention.decode_attention(q, k, v, lengths, impl="pallas")
+        else:
+            out = ragged_decode.ragged_decode_attention(q, k, v, lengths, interpret=True)
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol)
+
+
+def test_decode_xla_reads_only_the_bucket():
+    q, k, v = _qkv(4, t=256)
+    lengths = jnp.asarray([10, 64, 100])
+    full = attention.decode_attention(q, k, v, lengths, impl="xla")
+    bucket = attention.decode_attention(q, k, v, lengths, 128, impl="xla")
+    np.testing.assert_allclose(np.asarray(bucket), np.asarray(full), atol=1e-6)
 
 
 def test_prefill_xla_is_causal_attention():
