@@ -262,22 +262,22 @@ class LlamaModel(nnx.Module):
         w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
-    def prefill(self, x: jax.Array, cache: KVCache, slots: jax.Array) -> tuple[jax.Array, KVCache]:
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        inv_freq = rope_frequencies(self.config)
+    def _layers(self, x: jax.Array, cache: KVCache, step) -> tuple[jax.Array, KVCache]:
+        """Runs `step(layer, x, layer_cache)` through the unrolled layers, collecting each layer's cache."""
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer.prefill(x, positions, inv_freq, layer_cache, slots)
+            x, layer_cache = step(layer, x, layer_cache)
             new_cache.append(layer_cache)
         return x, new_cache
 
+    def prefill(self, x: jax.Array, cache: KVCache, slots: jax.Array) -> tuple[jax.Array, KVCache]:
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        inv_freq = rope_frequencies(self.config)
+        return self._layers(x, cache, lambda layer, h, c: layer.prefill(h, positions, inv_freq, c, slots))
+
     def decode(self, x: jax.Array, positions: jax.Array, cache: KVCache, kv_len: int) -> tuple[jax.Array, KVCache]:
         inv_freq = rope_frequencies(self.config)
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer.decode(x, positions, inv_freq, layer_cache, kv_len)
-            new_cache.append(layer_cache)
-        return x, new_cache
+        return self._layers(x, cache, lambda layer, h, c: layer.decode(h, positions, inv_freq, c, kv_len))
 
 
 # ------------------------------------------------------------------------------------------------------ LLaVA
