@@ -72,7 +72,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for slots in [int(s) for s in args.slots.split(",")]:
         runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=jnp.bfloat16)
-        engine = Engine(runner, session_len=1024, max_vision_tiles=16)
+        engine = Engine(runner, max_vision_tiles=16)
         gen = GenerationConfig(max_new_tokens=args.steps, ignore_eos=True)
         reqs = lambda: [EngineRequest(i, rng.integers(3, 32000, size=args.prompt).astype(np.int32), [], gen)
                         for i in range(slots)]

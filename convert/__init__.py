@@ -85,7 +85,7 @@ def convert_checkpoint(
         files = _copy_metadata(src_dir, work)
         raw = read_json(src_dir / "config.json")
         (work / "config.json").write_text(json.dumps(_with_dtype(raw, dtype), indent=2) + "\n")
-        tower = _write_tower(info, vision_tower_path, work) if cfg.checkpoint_format == "original" else None
+        tower = _write_tower(info, work) if cfg.checkpoint_format == "original" else None
         groups = converted_checkpoint.write_weights(info, dtype, work, _progress(info, progress))
         converted_checkpoint.write_marker(work, {
             "source": str(source),
@@ -156,11 +156,10 @@ def _with_dtype(raw: dict, dtype: str) -> dict:
     return out
 
 
-def _write_tower(info: CheckpointInfo, vision_tower_path: str | None, work: Path) -> dict:
+def _write_tower(info: CheckpointInfo, work: Path) -> dict:
     """Original checkpoints keep the CLIP tower's settings apart: store the ones the weights were read with, and
     its image processor config, so loading never needs the tower's source again."""
     from jaxvlm.converted_checkpoint import TOWER_DIR
-    from jaxvlm.params import _vision_tower_dir
 
     cfg = info.config
     v = cfg.vision
@@ -173,13 +172,7 @@ def _write_tower(info: CheckpointInfo, vision_tower_path: str | None, work: Path
         "num_channels": v.num_channels,
     }
     (tower / "config.json").write_text(json.dumps(clip, indent=2) + "\n")
-    if len(info.weight_dirs) > 1:
-        source_dir = info.weight_dirs[1]
-    elif cfg.vision_tower_source or vision_tower_path:
-        source_dir = _vision_tower_dir(cfg.vision_tower_source or "", vision_tower_path)
-    else:
-        source_dir = None
-    pre = source_dir / "preprocessor_config.json" if source_dir else None
+    pre = info.tower_dir / "preprocessor_config.json" if info.tower_dir else None
     has_pre = bool(pre and pre.is_file())
     if has_pre:
         shutil.copy(pre, tower / "preprocessor_config.json")

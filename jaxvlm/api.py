@@ -74,8 +74,7 @@ class Pipeline:
         self.model: LoadedModel = load(model_path, self.engine_config, chat_template_config)
         self.processor = self.model.processor
         self.processor.fetch_policy = fetch_policy  # None: jaxvlm.vl.DEFAULT_FETCH_POLICY, read at each load
-        self.engine = Engine(self.model.runner, self.model.session_len, self.vision_config.max_batch_size,
-                             detokenize=self._decode_ids)
+        self.engine = Engine(self.model.runner, self.vision_config.max_batch_size, detokenize=self._decode_ids)
         self._closed = False
 
     # ------------------------------------------------------------------------------------------ lifecycle

@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm import sampling
+from jaxvlm.config import MAX_LOGPROBS
 from jaxvlm.modeling import NEWLINE
 from jaxvlm.runner import ModelRunner, PrefillBatch
 from jaxvlm.scheduler import EngineRequest, Scheduler, Sequence, Status
 
 log = logging.getLogger(__name__)
 
-LOGPROBS_COMPUTED = 20  # the most top logprobs a request may ask for (GenerationConfig caps it there too)
 
 
 def _slot_params(seq: Sequence) -> sampling.SlotParams:
@@ -54,9 +54,8 @@ class Event:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, session_len: int, max_vision_tiles: int, detokenize=None):
+    def __init__(self, runner: ModelRunner, max_vision_tiles: int, detokenize=None):
         self.runner = runner
-        self.session_len = session_len
         self.max_vision_tiles = max_vision_tiles
         self.detokenize = detokenize  # ids -> text, for stop strings
         self.tokens_per_tile = runner.config.tokens_per_tile
@@ -107,7 +106,7 @@ class Engine:
 
     @staticmethod
     def _num_logprobs(seqs) -> int:
-        return LOGPROBS_COMPUTED if any(s.request.gen_config.logprobs for s in seqs) else 0
+        return MAX_LOGPROBS if any(s.request.gen_config.logprobs for s in seqs) else 0
 
     # ----------------------------------------------------------------------------------------- results
 
@@ -152,10 +151,11 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- loop
 
-    def generate(self, requests: Iterable[EngineRequest], num_slots: int | None = None) -> Iterator[Event]:
+    def generate(self, requests: Iterable[EngineRequest]) -> Iterator[Event]:
         """Runs requests to completion, yielding token events as results arrive (requests stream in lazily)."""
         r = self.runner
-        sched = Scheduler(r.buckets.num_slots, self.session_len, r.buckets.max_prefill_tokens, self.max_vision_tiles)
+        # The cache length per slot is the session length.
+        sched = Scheduler(r.buckets.num_slots, r.buckets.max_len, r.buckets.max_prefill_tokens, self.max_vision_tiles)
         incoming = iter(requests)
         exhausted = False
         pending: collections.deque = collections.deque()
@@ -179,8 +179,7 @@ class Engine:
                 pending.append((list(group), self._prefill(group)))
                 dispatched = True
             # Prefill gives each sequence its first token: only those wanting more need a decode step.
-            running = [s for s in sched.running.values()
-                       if s.status == Status.RUNNING and 1 + s.decode_dispatched < s.max_new_tokens]
+            running = [s for s in sched.running.values() if 1 + s.decode_dispatched < s.max_new_tokens]
             if running:
                 owners: list[Sequence | None] = [None] * r.buckets.num_slots
                 for s in running:
@@ -193,7 +192,5 @@ class Engine:
             while pending and (len(pending) > 2 or not dispatched):
                 owners, out = pending.popleft()
                 yield from self._process(sched, owners, out)
-            if not dispatched and not pending and not sched.waiting and exhausted and not sched.running:
-                return
 
 

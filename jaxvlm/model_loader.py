@@ -73,23 +73,17 @@ def load(model_path: str, engine: EngineConfig, template_config: ChatTemplateCon
     # missing tokenizer or a bad tp fails in a second rather than after loading gigabytes.
     if converted_checkpoint.is_converted(model_dir):  # jaxvlm-convert output: Orbax groups, restored sharded
         converted = converted_checkpoint.open_checkpoint(model_dir)
-        cfg = converted.config
-        dtype = params.resolve_dtype(engine.dtype, cfg.dtype)
-        mesh = sharding.make_mesh(engine.tp, engine.dp, cfg)
-        tower_dir = converted.tower_dir
+        cfg, tower_dir = converted.config, converted.tower_dir
         template_config = template_config or converted.chat_template_config(str(model_path))
-        processor = _processor(cfg, model_path, model_dir, tower_dir, template_config)
-        model = converted_checkpoint.load(model_dir, dtype, mesh=mesh)
+        load_weights = lambda: converted_checkpoint.load(model_dir, dtype, mesh=mesh)
     else:
         info = params.inspect_checkpoint(model_dir, engine.vision_tower_path)
-        cfg = info.config
-        dtype = params.resolve_dtype(engine.dtype, cfg.dtype)
-        mesh = sharding.make_mesh(engine.tp, engine.dp, cfg)
-        tower_dir = info.weight_dirs[1] if len(info.weight_dirs) > 1 else None
-        if tower_dir is None and cfg.checkpoint_format == "original" and cfg.vision_tower_source:
-            tower_dir = params._vision_tower_dir(cfg.vision_tower_source, engine.vision_tower_path)
-        processor = _processor(cfg, model_path, model_dir, tower_dir, template_config)
-        model = params.load_model(info, dtype, place=sharding.placer(mesh))
+        cfg, tower_dir = info.config, info.tower_dir
+        load_weights = lambda: params.load_model(info, dtype, place=sharding.placer(mesh))
+    dtype = params.resolve_dtype(engine.dtype, cfg.dtype)
+    mesh = sharding.make_mesh(engine.tp, engine.dp, cfg)
+    template = resolve_chat_template(str(model_path), template_config, model_dir=str(model_dir))
+    processor = InputProcessor.from_checkpoint(cfg, model_dir, tower_dir, template)
 
     limit = cfg.text.max_position_embeddings
     session_len = engine.session_len or limit
@@ -99,13 +93,8 @@ def load(model_path: str, engine: EngineConfig, template_config: ChatTemplateCon
     if cfg.text.sliding_window and session_len > cfg.text.sliding_window:
         raise ValueError(f"session_len={session_len} exceeds the model's sliding_window="
                          f"{cfg.text.sliding_window}, which jaxvlm does not implement; lower session_len")
+    model = load_weights()
     slots = plan_slots(cfg, session_len, dtype, engine, mesh)
     runner = ModelRunner(model, slots, session_len, dtype, engine.max_prefill_token_num,
                          engine.prefill_buckets or (), mesh=mesh)
     return LoadedModel(cfg, runner, processor, session_len, model_dir)
-
-
-def _processor(cfg: LlavaConfig, model_path: str, model_dir: Path, tower_dir: Path | None,
-               template_config: ChatTemplateConfig | None) -> InputProcessor:
-    template = resolve_chat_template(str(model_path), template_config, model_dir=str(model_dir))
-    return InputProcessor.from_checkpoint(cfg, model_dir, model_dir, tower_dir, template)

@@ -144,6 +144,7 @@ class CheckpointInfo:
     config: LlavaConfig
     model_dir: Path
     weight_dirs: tuple[Path, ...]  # every directory whose tensors make up the model (the CLIP dir too)
+    tower_dir: Path | None = None  # original checkpoints: the resolved CLIP directory (its image processor)
 
 
 def _vision_tower_dir(source: str, override: str | None) -> Path | None:
@@ -181,13 +182,13 @@ def inspect_checkpoint(model_dir: Path, vision_tower_path: str | None = None) ->
     names = checkpoint.read_tensor_index(model_dir)
     tower_inside = any(n.startswith("model.vision_tower.") for n in names)
     if tower_inside:
-        return CheckpointInfo(llava, model_dir, (model_dir,))
+        return CheckpointInfo(llava, model_dir, (model_dir,), tower_dir)
     if tower_dir is None:
         raise ConfigError(
             f"{model_dir} has no vision tower weights and its tower {source!r} is not reachable; "
             "pass EngineConfig(vision_tower_path=...) pointing at a local CLIP directory"
         )
-    return CheckpointInfo(llava, model_dir, (model_dir, tower_dir))
+    return CheckpointInfo(llava, model_dir, (model_dir, tower_dir), tower_dir)
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str):

@@ -39,16 +39,16 @@ class InputProcessor:
             self.image_token = tokenizer.convert_ids_to_tokens(config.image_token_index)
 
     @classmethod
-    def from_checkpoint(cls, config: LlavaConfig, model_dir: Path, tokenizer_dir: Path, tower_dir: Path | None,
+    def from_checkpoint(cls, config: LlavaConfig, model_dir: Path, tower_dir: Path | None,
                         template: ChatTemplate) -> "InputProcessor":
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         except Exception as e:  # transformers' own message never says which directory it looked in
-            found = sorted(p.name for p in Path(tokenizer_dir).glob("tokenizer*"))
+            found = sorted(p.name for p in Path(model_dir).glob("tokenizer*"))
             raise ConfigError(
-                f"{tokenizer_dir}: cannot load the tokenizer (tokenizer files there: {found or 'none'}; expected "
+                f"{model_dir}: cannot load the tokenizer (tokenizer files there: {found or 'none'}; expected "
                 f"tokenizer.json or tokenizer.model with tokenizer_config.json): {type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             ) from e

@@ -110,7 +110,7 @@ def test_logits_and_greedy_tokens_match_transformers(request, name, num_images):
 
     # Greedy generation through the engine.
     runner = ModelRunner(model, num_slots=2, max_len=len(ids) + NEW_TOKENS + 8, cache_dtype=jnp.float32)
-    engine = Engine(runner, session_len=runner.buckets.max_len, max_vision_tiles=16)
+    engine = Engine(runner, max_vision_tiles=16)
     req = EngineRequest(0, ids.astype(np.int32), image_inputs, GenerationConfig(max_new_tokens=NEW_TOKENS))
     events = [e for e in engine.generate([req]) if e.finished]
     assert events[0].seq.output_ids == ref_tokens
