@@ -15,6 +15,7 @@ float64 -> float32 steps as transformers, so results match the references bit fo
 from __future__ import annotations
 
 import ast
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ class ImageProcessor:
             tiles = [_pad_to_square(rgb, self.pad_color)]
         else:
             tiles = [rgb]
-        pixel_values = np.stack([self._finish(tile) for tile in tiles]).astype(np.float32, copy=False)
+        pixel_values = np.stack([self._finish(tile) for tile in tiles])
         return ProcessedImage(pixel_values=pixel_values, image_size=(height, width), grid=grid)
 
     def _to_rgb(self, image: Image.Image) -> np.ndarray:
@@ -240,16 +241,23 @@ class ImageProcessor:
             out = _resize(out, target, self.resample)
         if self.do_center_crop and self.crop_hw is not None:
             out = _center_crop(out, self.crop_hw)
+        lut = self._value_table
+        return np.stack([lut[c][out[..., c]] for c in range(3)])
+
+    @functools.cached_property
+    def _value_table(self) -> np.ndarray:
+        """[3, 256] float32: what rescale + normalize make of each uint8 value in each channel.
+
+        Both steps are per-element functions of a uint8 value, so a 768-entry table computed with
+        transformers' exact precision path (a float64 product, then float32 arithmetic) gives bit-identical
+        tiles in one gather, several times faster than the float64 arrays it replaces."""
+        out = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, 3))
         if self.do_rescale:
-            # Same precision path as transformers: float64 product, then float32.
             out = (out.astype(np.float64) * self.rescale_factor).astype(np.float32)
         if self.do_normalize:
-            if not np.issubdtype(out.dtype, np.floating):
-                out = out.astype(np.float32)
-            mean = np.asarray(self.image_mean, dtype=out.dtype)
-            std = np.asarray(self.image_std, dtype=out.dtype)
-            out = (out - mean) / std
-        return np.ascontiguousarray(out.transpose(2, 0, 1)).astype(np.float32, copy=False)
+            out = out.astype(np.float32)
+            out = (out - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return np.ascontiguousarray(np.asarray(out, np.float32).T)
 
 
 # --------------------------------------------------------------------- config parsing
