@@ -42,20 +42,33 @@ def test_decode_xla_matches_naive():
     np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, lengths), atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 2, 256, 32), (2, 4, 4, 128, 16), (5, 32, 32, 1024, 128)])
-def test_decode_pallas_matches_xla(shape):
-    """The ragged kernel (interpret mode on CPU, Triton on GPU) against the XLA path, f32 and bf16 caches."""
+TILINGS = [None, ragged_decode.Tiling(block_k=16, chunk=64), ragged_decode.Tiling(block_k=32, chunk=32, dot=True)]
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=["default", "split64", "dot"])
+@pytest.mark.parametrize("shape", [(3, 4, 2, 256, 32), (2, 4, 4, 128, 16), (3, 8, 8, 512, 128)])
+def test_decode_pallas_matches_xla(shape, tiling):
+    """The ragged kernel (interpret mode on CPU, Triton on GPU) against the XLA path, f32 and bf16 caches, with
+    lengths that end inside a block, on a split boundary, and at the full cache."""
     s, h, kvh, t, d = shape
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        if tiling is not None and tiling.dot and dtype == jnp.float32:
+            tol = 2e-2  # the dot path rounds probabilities to the cache dtype, like flash attention
         q, k, v = _qkv(1, s, h, kvh, t, d, dtype)
-        lengths = jnp.asarray(np.random.default_rng(s).integers(1, t + 1, size=s))
+        lengths = np.random.default_rng(s).integers(1, t + 1, size=s)
+        lengths[:3] = [t, 64, 1][: s]
+        lengths = jnp.asarray(lengths)
         with jax.default_matmul_precision("highest"):
             ref = attention.decode_attention(q, k, v, lengths, impl="xla")
-        if jax.default_backend() == "gpu":
-            out = attention.decode_attention(q, k, v, lengths, impl="pallas")
-        else:
-            out = ragged_decode.ragged_decode_attention(q, k, v, lengths, interpret=True)
+        interpret = jax.default_backend() != "gpu"
+        out = ragged_decode.ragged_decode_attention(q, k, v, lengths, tiling=tiling, interpret=interpret)
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol)
+
+
+def test_decode_pallas_zero_length_slot_gives_zeros():
+    q, k, v = _qkv(5, s=2, t=64)
+    out = ragged_decode.ragged_decode_attention(q, k, v, jnp.asarray([0, 10]), interpret=jax.default_backend() != "gpu")
+    assert np.all(np.asarray(out[0]) == 0) and np.all(np.isfinite(np.asarray(out)))
 
 
 def test_decode_xla_reads_only_the_bucket():

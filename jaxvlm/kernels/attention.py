@@ -55,7 +55,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     """
     t = k_cache.shape[2]
     impl = impl or DECODE_IMPL
-    if impl == "pallas" and ragged_decode.block_size(q.shape[1] // k_cache.shape[1], q.shape[2], t):
+    if impl == "pallas" and ragged_decode.supported(t):
         return ragged_decode.ragged_decode_attention(q, k_cache, v_cache, lengths)
     if kv_len is not None and kv_len < t:
         k_cache, v_cache = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
