@@ -22,7 +22,7 @@ from jaxvlm.config import GenerationConfig
 from jaxvlm.engine import Engine
 from jaxvlm.kernels import attention
 from jaxvlm.model_config import llava_config_from_hf
-from jaxvlm.modeling import Llava
+from jaxvlm.modeling import Llava, init_cache
 from jaxvlm.runner import ModelRunner
 from jaxvlm.scheduler import EngineRequest
 
@@ -58,18 +58,59 @@ def bandwidth_gbs() -> float:
     return 2 * x.nbytes * 10 / (time.perf_counter() - t) / 1e9
 
 
+def _median_s(fn, iters: int = 5) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def phases(model: Llava) -> None:
+    """Device time of the time-to-first-token stages: the vision tower per tile count, and the decoder prefill
+    per (rows, padded length), each as a bare jitted call."""
+    graphdef, params = nnx.split(model)
+    encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_images(x))
+    for tiles in (1, 5, 8):
+        pixels = jnp.asarray(np.random.default_rng(0).standard_normal((tiles, 3, 336, 336)), jnp.float32)
+        print(json.dumps({"phase": "vision", "tiles": tiles, "ms": _median_s(lambda: encode(params, pixels)) * 1e3}))
+    tc = model.config.text
+    for rows, length in ((1, 640), (1, 768), (1, 2432), (1, 2560), (8, 768)):
+        cache = init_cache(tc, rows, length, jnp.bfloat16)
+        tokens = jnp.asarray(np.random.default_rng(1).integers(3, 32000, (rows, length)), jnp.int32)
+        step = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).prefill(
+            t, None, None, c, jnp.arange(t.shape[0]), jnp.full((t.shape[0],), t.shape[1] - 1)), donate_argnums=1)
+        _, cache = step(params, cache, tokens)
+
+        def run():
+            nonlocal cache
+            logits, cache = step(params, cache, tokens)
+            return logits
+
+        sec = _median_s(run)
+        flops = 2 * rows * length * sum(x.size for x in jax.tree.leaves(nnx.state(model.language_model.layers)))
+        print(json.dumps({"phase": "prefill", "rows": rows, "length": length, "ms": sec * 1e3,
+                          "matmul_tflops": flops / sec / 1e12}))
+        del cache
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slots", default="1,64")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=600)
     ap.add_argument("--attention", default="xla,pallas", help="decode attention paths to time, in turn")
+    ap.add_argument("--phases", action="store_true", help="time vision and prefill stages only")
     args = ap.parse_args()
     cfg = llava_config_from_hf(LLAVA_15_7B)
     t = time.perf_counter()
     model = random_model(cfg)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     print(json.dumps({"phase": "init", "seconds": time.perf_counter() - t, "weight_gb": weight_bytes / 1e9}))
+    if args.phases:
+        return phases(model)
     bw = bandwidth_gbs()
     print(json.dumps({"phase": "bandwidth", "gb_per_s": bw}))
     rng = np.random.default_rng(0)
