@@ -147,6 +147,8 @@ class Engine:
             ev = self._append(sched, seq, int(tokens[row]), top)
             if ev is not None:
                 events.append(ev)
+        if done := [ev.seq.slot for ev in events if ev.finished]:
+            self.runner.release(done)
         return events
 
     # ----------------------------------------------------------------------------------------- loop

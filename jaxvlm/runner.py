@@ -32,6 +32,7 @@ class DecodeState:
     positions: jax.Array  # i32[S] where that token goes in the cache
     steps: jax.Array  # i32[S] tokens generated so far (the RNG step of a seeded request)
     min_new: jax.Array  # i32[S] stop ids are banned while steps < min_new
+    active: jax.Array  # bool[S] the slot holds a running sequence (idle slots' caches are not read)
     sampling: sampling.SamplingState
 
 
@@ -97,7 +98,8 @@ class ModelRunner:
         vocab = self.config.text.vocab_size
         self.cache: KVCache = init_cache(self.config.text, num_slots, max_len, cache_dtype)
         zeros = lambda: jnp.zeros((num_slots,), jnp.int32)  # distinct buffers: each is donated
-        self.state = DecodeState(zeros(), zeros(), zeros(), zeros(), sampling.init_state(num_slots, vocab))
+        self.state = DecodeState(zeros(), zeros(), zeros(), zeros(), jnp.zeros((num_slots,), bool),
+                                 sampling.init_state(num_slots, vocab))
         self._constrain = lambda cache, state, out: (cache, state, out)
         if mesh is not None:
             shardings = sharding.state_shardings(mesh, self.config.text.num_kv_heads, self.cache, self.state)
@@ -113,6 +115,8 @@ class ModelRunner:
         self.compiled: set[tuple] = set()
         self._encode = jax.jit(self._encode_fn)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_logprobs",), donate_argnames=("cache", "state"))
+        self._release = jax.jit(
+            lambda state, idle: dataclasses.replace(state, active=state.active & ~idle), donate_argnums=0)
         self._decode = jax.jit(
             self._decode_fn, static_argnames=("kv_len", "greedy_only", "num_logprobs"), donate_argnames=("cache", "state")
         )
@@ -138,6 +142,7 @@ class ModelRunner:
             positions=state.positions.at[batch.slots].set(batch.lengths),
             steps=state.steps.at[batch.slots].set(1),
             min_new=state.min_new.at[batch.slots].set(batch.min_new),
+            active=state.active.at[batch.slots].set(True),
             sampling=sstate,
         )
         cache, state, out = self._constrain(cache, state, out)
@@ -145,11 +150,12 @@ class ModelRunner:
 
     def _decode_fn(self, params, cache, state: DecodeState, *, kv_len: int, greedy_only: bool, num_logprobs: int):
         model = nnx.merge(self.graphdef, params)
-        logits, cache = model.decode(state.tokens, state.positions, cache, kv_len)
+        lengths = jnp.where(state.active, state.positions + 1, 0)
+        logits, cache = model.decode(state.tokens, state.positions, lengths, cache, kv_len)
         ban_stop = state.steps < state.min_new
         out, sstate = sampling.sample(logits, state.sampling, state.steps, ban_stop, greedy_only=greedy_only,
                                       num_logprobs=num_logprobs)
-        state = DecodeState(out.tokens, state.positions + 1, state.steps + 1, state.min_new, sstate)
+        state = DecodeState(out.tokens, state.positions + 1, state.steps + 1, state.min_new, state.active, sstate)
         cache, state, out = self._constrain(cache, state, out)
         return cache, state, out
 
@@ -174,6 +180,12 @@ class ModelRunner:
         self.cache, self.state, out = self._prefill(self.params, self.cache, self.state, batch, features,
                                                     num_logprobs=num_logprobs)
         return out
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Marks finished sequences' slots idle, so that decode attention stops reading their caches."""
+        idle = np.zeros(self.buckets.num_slots, bool)
+        idle[list(slots)] = True
+        self.state = self._release(self.state, idle)
 
     def decode(self, longest: int, greedy_only: bool, num_logprobs: int) -> sampling.SampleOutput:
         kv_len = self.buckets.kv_length(longest)
