@@ -112,9 +112,12 @@ class Pipeline:
         except Exception as e:  # noqa: BLE001 - one bad request must not cost the batch
             return EngineRequest(index, np.zeros(0, np.int32), [], gen, error=f"{type(e).__name__}: {e}")
 
-    def _requests(self, items: Iterable[tuple[int, Conversation | Exception, GenerationConfig]]
-                  ) -> Iterator[EngineRequest]:
+    def _requests(self, items: Iterable[tuple[int, Conversation | Exception, GenerationConfig]],
+                  count: int | None = None) -> Iterator[EngineRequest]:
         """Prepares requests on a thread pool (images load concurrently), in order, a bounded window ahead."""
+        if count == 1:  # nothing to overlap with: a pool would only add a thread start and a handoff
+            yield from itertools.starmap(self._prepare, items)
+            return
         with concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="jaxvlm-prep") as pool:
             window: collections.deque = collections.deque()
             for item in items:
@@ -168,8 +171,8 @@ class Pipeline:
         gens = self._gen_configs(gen_config, count) if count is not None else itertools.repeat(
             gen_config or GenerationConfig())
         if count is not None and not was_batch:  # a malformed single prompt raises here, before any work
-            conv = single_list[0]
-            single_list = [normalize_prompt(conv)]  # a Conversation passed in is checked (and copied) too
+            # A Conversation passed in is checked (and copied) too.
+            return [(0, normalize_prompt(single_list[0]), gens[0])], False, 1
 
         def items():
             for i, (p, g) in enumerate(zip(single_list, gens)):
@@ -191,7 +194,7 @@ class Pipeline:
         items, was_batch, count = self._items(prompts, gen_config)
         results: dict[int, Response] = {}
         bar = _progress(count) if use_tqdm else None
-        for event in self.engine.generate(self._requests(items)):
+        for event in self.engine.generate(self._requests(items, count)):
             if event.finished:
                 results[event.seq.request.index] = self._response(event, self._final_text(event))
                 if bar is not None:
@@ -207,10 +210,10 @@ class Pipeline:
     def stream_infer(self, prompts, gen_config=None, **kwargs) -> Iterator[Response]:
         """Yields Response deltas: `text`/`token_ids` are the new part, `index` names the prompt."""
         self._check_open()
-        items, _, _ = self._items(prompts, gen_config)
+        items, _, count = self._items(prompts, gen_config)
         shown: dict[int, str] = {}
         held: dict[int, list[int]] = collections.defaultdict(list)  # tokens whose text is not out yet
-        for event in self.engine.generate(self._requests(items)):
+        for event in self.engine.generate(self._requests(items, count)):
             idx = event.seq.request.index
             held[idx] += event.new_ids
             if event.finished:

@@ -12,7 +12,7 @@ Layout of a checkpoint directory:
 - `jaxvlm_checkpoint.json`: the marker, written last: format version, source format, dtype, and every group's
   parameters with their shapes.
 
-Parameters are stored under their module path (`language_model/layers/0/self_attn/q_proj`) in the shapes of
+Parameters are stored under their module path (`language_model/layers/0/self_attn/qkv_proj`) in the shapes of
 `modeling.py`, so loading restores them with no transform, straight into their shardings.
 """
 
@@ -38,12 +38,12 @@ from jaxvlm.modeling import Llava
 
 MARKER = "jaxvlm_checkpoint.json"
 FORMAT = "jaxvlm-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: q/k/v and gate/up stored fused (qkv_proj, gate_up_proj)
 WEIGHTS_DIR = "weights"
 TOWER_DIR = "vision_tower"
 DTYPES = ("bfloat16", "float16", "float32")
 
-Path_ = tuple[Any, ...]  # an nnx parameter path such as ("language_model", "layers", 0, "mlp", "up_proj", "kernel")
+Path_ = tuple[Any, ...]  # an nnx parameter path such as ("language_model", "layers", 0, "mlp", "down_proj", "kernel")
 
 
 def param_name(path: Path_) -> str:
@@ -197,6 +197,9 @@ def open_checkpoint(directory: str | Path) -> ConvertedCheckpoint:
     if not isinstance(marker.get("version"), int) or marker["version"] > FORMAT_VERSION:
         raise ConfigError(f"{directory / MARKER}: format version {marker.get('version')!r} is newer than this "
                           f"jaxvlm reads ({FORMAT_VERSION}); upgrade jaxvlm or convert again")
+    if marker["version"] < FORMAT_VERSION:
+        raise ConfigError(f"{directory / MARKER}: format version {marker['version']} was written by an older jaxvlm "
+                          f"(this one reads version {FORMAT_VERSION}); convert the model again")
     raw = read_json(directory / "config.json")
     tower_dir = directory / marker["vision_tower"]["dir"] if marker.get("vision_tower") else None
     if marker.get("source_format") == "original":

@@ -77,36 +77,65 @@ def _heads_in(n: int):  # [n*hd, d] -> [d, n, hd]
     return lambda w: w.reshape(n, -1, w.shape[-1]).transpose(2, 0, 1)
 
 
-def _heads_bias(n: int):
-    return lambda b: b.reshape(n, -1)
-
-
 def _identity(w):
     return w
 
 
-def target(canon: str, cfg: LlavaConfig) -> tuple[tuple, Callable] | None:
-    """Parameter path and transform for a canonical tensor name; None where the model does not use it."""
-    t = cfg.text
+def _fused(fn, axis: int, start: int, stop: int, group: int | None = None):
+    """A transform into part [start:stop] of a fused parameter's `axis`, and that part's index. With `group`,
+    query heads [.., h, hd] are first split into KV groups [.., h // group, group, hd]; k and v gain a size-1
+    group axis."""
+    def transform(w):
+        w = fn(w)
+        if group is not None:
+            w = w.reshape(*w.shape[:-2], w.shape[-2] // (stop - start), stop - start, w.shape[-1])
+        return w if group is not None else np.expand_dims(w, axis)
+    return transform, (slice(None),) * axis + (slice(start, stop),)
+
+
+def _layer_table(t) -> dict[str, tuple[tuple, Callable, tuple | None]]:
+    """Decoder-layer tensor (name within the layer) -> (sub-path, transform, part of a fused parameter)."""
+    g = t.num_heads // t.num_kv_heads
+    bias_heads = lambda n: lambda b: b.reshape(n, -1)
+    return {
+        "input_layernorm.weight": (("input_layernorm", "scale"), _identity, None),
+        "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), _identity, None),
+        "self_attn.q_proj.weight": (("self_attn", "qkv_proj"), *_fused(_heads_in(t.num_heads), 2, 0, g, g)),
+        "self_attn.k_proj.weight": (("self_attn", "qkv_proj"), *_fused(_heads_in(t.num_kv_heads), 2, g, g + 1)),
+        "self_attn.v_proj.weight": (("self_attn", "qkv_proj"), *_fused(_heads_in(t.num_kv_heads), 2, g + 1, g + 2)),
+        "self_attn.o_proj.weight": (("self_attn", "o_proj"),
+                                    lambda w: w.reshape(w.shape[0], t.num_heads, -1).transpose(1, 2, 0), None),
+        "self_attn.q_proj.bias": (("self_attn", "qkv_bias"), *_fused(bias_heads(t.num_heads), 1, 0, g, g)),
+        "self_attn.k_proj.bias": (("self_attn", "qkv_bias"), *_fused(bias_heads(t.num_kv_heads), 1, g, g + 1)),
+        "self_attn.v_proj.bias": (("self_attn", "qkv_bias"), *_fused(bias_heads(t.num_kv_heads), 1, g + 1, g + 2)),
+        "mlp.gate_proj.weight": (("mlp", "gate_up_proj"), *_fused(_dense, 1, 0, 1)),
+        "mlp.up_proj.weight": (("mlp", "gate_up_proj"), *_fused(_dense, 1, 1, 2)),
+        "mlp.gate_proj.bias": (("mlp", "gate_up_bias"), *_fused(_identity, 0, 0, 1)),
+        "mlp.up_proj.bias": (("mlp", "gate_up_bias"), *_fused(_identity, 0, 1, 2)),
+        "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), _dense, None),
+        "mlp.down_proj.bias": (("mlp", "down_proj", "bias"), _identity, None),
+    }
+
+
+def _missing_parts(path: tuple, seen_parts: set[tuple], cfg: LlavaConfig) -> list[str]:
+    """The tensors a partly filled fused parameter still lacks, as `layers.{i}.{name}`."""
+    i = path[2]
+    return [f"layers.{i}.{rest}" for rest, (sub, _, part) in _layer_table(cfg.text).items()
+            if ("language_model", "layers", i) + sub == path and (path, str(part)) not in seen_parts]
+
+
+def target(canon: str, cfg: LlavaConfig) -> tuple[tuple, Callable, tuple | None] | None:
+    """Parameter path, transform and part for a canonical tensor name; None where the model does not use it.
+
+    The part is None when the tensor fills the whole parameter, else the index it fills in a fused one
+    (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`)."""
     if m := re.fullmatch(r"lm\.layers\.(\d+)\.(.+)", canon):
         i, rest = int(m[1]), m[2]
         base = ("language_model", "layers", i)
-        table = {
-            "input_layernorm.weight": (("input_layernorm", "scale"), _identity),
-            "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), _identity),
-            "self_attn.q_proj.weight": (("self_attn", "q_proj"), _heads_in(t.num_heads)),
-            "self_attn.k_proj.weight": (("self_attn", "k_proj"), _heads_in(t.num_kv_heads)),
-            "self_attn.v_proj.weight": (("self_attn", "v_proj"), _heads_in(t.num_kv_heads)),
-            "self_attn.o_proj.weight": (("self_attn", "o_proj"), lambda w: w.reshape(w.shape[0], t.num_heads, -1).transpose(1, 2, 0)),
-            "self_attn.q_proj.bias": (("self_attn", "q_bias"), _heads_bias(t.num_heads)),
-            "self_attn.k_proj.bias": (("self_attn", "k_bias"), _heads_bias(t.num_kv_heads)),
-            "self_attn.v_proj.bias": (("self_attn", "v_bias"), _heads_bias(t.num_kv_heads)),
-        }
+        table = _layer_table(cfg.text)
         if rest in table:
-            sub, fn = table[rest]
-            return base + sub, fn
-        if m2 := re.fullmatch(r"mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", rest):
-            return base + ("mlp", m2[1], "kernel" if m2[2] == "weight" else "bias"), _dense if m2[2] == "weight" else _identity
+            sub, fn, part = table[rest]
+            return base + sub, fn, part
         return None
     if m := re.fullmatch(r"vt\.encoder\.layers\.(\d+)\.(.+)", canon):
         i, rest = int(m[1]), m[2]
@@ -114,9 +143,9 @@ def target(canon: str, cfg: LlavaConfig) -> tuple[tuple, Callable] | None:
             return None
         base = ("vision_tower", "layers", i)
         if m2 := re.fullmatch(r"(layer_norm[12])\.(weight|bias)", rest):
-            return base + (m2[1], "scale" if m2[2] == "weight" else "bias"), _identity
+            return base + (m2[1], "scale" if m2[2] == "weight" else "bias"), _identity, None
         if m2 := re.fullmatch(r"(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)\.(weight|bias)", rest):
-            return base + (m2[1], "kernel" if m2[2] == "weight" else "bias"), _dense if m2[2] == "weight" else _identity
+            return base + (m2[1], "kernel" if m2[2] == "weight" else "bias"), _dense if m2[2] == "weight" else _identity, None
         return None
     fixed = {
         "lm.embed_tokens.weight": (("language_model", "embed_tokens"), _identity),
@@ -130,9 +159,9 @@ def target(canon: str, cfg: LlavaConfig) -> tuple[tuple, Callable] | None:
         "newline": (("image_newline",), _identity),
     }
     if canon in fixed:
-        return fixed[canon]
+        return (*fixed[canon], None)
     if m := re.fullmatch(r"proj\.(linear_[12])\.(weight|bias)", canon):
-        return ("multi_modal_projector", m[1], "kernel" if m[2] == "weight" else "bias"), _dense if m[2] == "weight" else _identity
+        return ("multi_modal_projector", m[1], "kernel" if m[2] == "weight" else "bias"), _dense if m[2] == "weight" else _identity, None
     return None
 
 
@@ -224,29 +253,47 @@ def mapped_tensors(info: CheckpointInfo, shapes: dict[tuple, tuple],
     """
     cfg = info.config
     done: set[tuple] = set()
+    seen_parts: set[tuple] = set()
+    partial: dict[tuple, tuple[np.ndarray, int]] = {}  # fused parameters being assembled: buffer, values filled
     for name, canon, array in tensors if tensors is not None else iter_model_tensors(info):
         hit = target(canon, cfg)
         if hit is None:
             if canon.startswith("vt.encoder.layers.") or canon == "lm.lm_head.weight" and cfg.text.tie_word_embeddings:
                 continue  # layers past the selected feature layer; a tied head saved anyway
             raise ConfigError(f"unexpected tensor {name!r} in {info.model_dir}")
-        path, transform = hit
+        path, transform, part = hit
         if path not in shapes:
             raise ConfigError(f"tensor {name!r} has no place in this model config (parameter {param_name(path)})")
-        if path in done:
+        key = (path, str(part))
+        if path in done or key in seen_parts:
             raise ConfigError(f"tensor {name!r} appears twice in {info.model_dir}")
         value = np.asarray(transform(array))
-        if value.shape != tuple(shapes[path]):
+        want = tuple(shapes[path]) if part is None else _part_shape(tuple(shapes[path]), part)
+        if value.shape != want:
             raise ConfigError(
                 f"tensor {name!r} has shape {tuple(array.shape)}, which does not fit parameter "
                 f"{param_name(path)} of shape {tuple(shapes[path])} (config {info.model_dir / 'config.json'})"
             )
+        if part is not None:  # copy into the fused buffer; hand it on once every part has arrived
+            seen_parts.add(key)
+            buffer, filled = partial.pop(path, None) or (np.empty(shapes[path], value.dtype), 0)
+            buffer[part] = value
+            if filled + value.size < buffer.size:
+                partial[path] = (buffer, filled + value.size)
+                continue
+            value = buffer
         done.add(path)
         yield path, value
-    missing = [param_name(p) for p in shapes if p not in done]
+    missing = [param_name(p) + (f" ({', '.join(_missing_parts(p, seen_parts, cfg))})" if p in partial else "")
+               for p in shapes if p not in done]
     if missing:
         raise ConfigError(f"checkpoint {info.model_dir} lacks tensors for: {', '.join(missing[:8])}"
                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
+
+def _part_shape(shape: tuple[int, ...], part: tuple[slice, ...]) -> tuple[int, ...]:
+    full = part + (slice(None),) * (len(shape) - len(part))
+    return tuple(len(range(*p.indices(n))) for n, p in zip(shape, full))
 
 
 def load_model(

@@ -73,8 +73,8 @@ class InputProcessor:
 
     # -------------------------------------------------------------------------------------- tokens
 
-    def _tokenize(self, prompt: str, counts: list[int]) -> tuple[list[int], list[int]]:
-        """Token ids of the rendered prompt, and where each image's feature run starts."""
+    def _tokenize(self, prompt: str, counts: list[int]) -> tuple[np.ndarray, list[int]]:
+        """Token ids of the rendered prompt (int32), and where each image's feature run starts."""
         parts = prompt.split(vl.IMAGE_TOKEN)
         if len(parts) - 1 != len(counts):
             raise ValueError(f"the rendered prompt has {len(parts) - 1} image markers for {len(counts)} images")
@@ -85,17 +85,16 @@ class InputProcessor:
             bos = self.tokenizer.bos_token_id
             if bos is not None and ids[:2] == [bos, bos]:  # a template that writes <s> itself
                 ids = ids[1:]
-            marks = [i for i, t in enumerate(ids) if t == self.config.image_token_index]
+            ids = np.asarray(ids, np.int32)
+            marks = np.flatnonzero(ids == self.config.image_token_index)
             if len(marks) != len(counts):
                 raise ValueError("the prompt text itself contains the model's image token "
                                  f"{self.image_token!r}; remove it or place images with {vl.IMAGE_TOKEN}")
-            expanded, starts, prev = [], [], 0
-            for mark, n in zip(marks, counts):
-                expanded += ids[prev:mark]
-                starts.append(len(expanded))
-                expanded += [self.config.image_token_index] * n
-                prev = mark + 1
-            return expanded + ids[prev:], starts
+            # np.repeat expands each image token into its run (thousands of tokens: no Python loop).
+            repeats = np.ones(len(ids), np.int64)
+            repeats[marks] = counts
+            starts = (marks + np.cumsum([0, *counts])[:-1] - np.arange(len(marks))).tolist()
+            return np.repeat(ids, repeats), starts
         ids, starts = [], []
         bos = self.tokenizer.bos_token_id
         for i, part in enumerate(parts):
@@ -106,7 +105,7 @@ class InputProcessor:
             if i < len(counts):
                 starts.append(len(ids))
                 ids.extend([0] * counts[i])
-        return ids, starts
+        return np.asarray(ids, np.int32), starts
 
     def stop_rules(self, g: GenerationConfig) -> tuple[frozenset[int], tuple[str, ...], frozenset[int]]:
         """(stop ids, multi-token stop strings, banned ids). Single-token words become ids (fast path)."""
@@ -154,7 +153,7 @@ class InputProcessor:
         stop, strings, bad = self.stop_rules(gen)
         return EngineRequest(
             index=index,
-            token_ids=np.asarray(ids, np.int32),
+            token_ids=ids,
             images=[ImageInput(p.pixel_values, layout, s) for (p, layout), s in zip(processed, starts)],
             gen_config=gen,
             stop_ids=stop,

@@ -44,7 +44,7 @@ from io import BytesIO
 from typing import IO, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 __all__ = [
     "IMAGE_TOKEN",
@@ -436,7 +436,9 @@ def _finish(image: Image.Image, policy: FetchPolicy, first_frame: bool = True) -
         image.seek(0)
     image.load()
     try:
-        upright = ImageOps.exif_transpose(image)
+        # exif_transpose copies an image that needs no turn; _to_rgb below copies it anyway.
+        turn = image.getexif().get(ExifTags.Base.Orientation, 1) != 1
+        upright = ImageOps.exif_transpose(image) if turn else image
     except Exception as exc:  # a corrupt EXIF block should not lose a readable image
         logger.warning("ignoring unreadable EXIF orientation: %s", exc)
         upright = image

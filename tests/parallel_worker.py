@@ -70,12 +70,9 @@ def _describe(array) -> dict:
 
 # Parameters inspected, by their path in the model state (layer 0 stands for every layer).
 PARAMS = {
-    "q_proj": ("language_model", "layers", 0, "self_attn", "q_proj"),
-    "k_proj": ("language_model", "layers", 0, "self_attn", "k_proj"),
-    "v_proj": ("language_model", "layers", 0, "self_attn", "v_proj"),
+    "qkv_proj": ("language_model", "layers", 0, "self_attn", "qkv_proj"),
     "o_proj": ("language_model", "layers", 0, "self_attn", "o_proj"),
-    "gate_proj": ("language_model", "layers", 0, "mlp", "gate_proj", "kernel"),
-    "up_proj": ("language_model", "layers", 0, "mlp", "up_proj", "kernel"),
+    "gate_up_proj": ("language_model", "layers", 0, "mlp", "gate_up_proj"),
     "down_proj": ("language_model", "layers", 0, "mlp", "down_proj", "kernel"),
     "embed_tokens": ("language_model", "embed_tokens"),
     "lm_head": ("language_model", "lm_head"),

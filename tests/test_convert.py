@@ -313,16 +313,16 @@ def test_tensor_parallel_restore(llava15_hf, converted):
         diff = float(np.abs(_logits(sharded) - _logits(single)).max())  # both on the same (CPU) backend
         layer = sharded.language_model.layers[0]
         spec = lambda v: list(v.get_value().sharding.spec)
-        specs = {{n: spec(getattr(layer.self_attn, n)) for n in ("q_proj", "k_proj", "o_proj")}}
-        specs["up"] = spec(layer.mlp.up_proj.kernel)
+        specs = {{n: spec(getattr(layer.self_attn, n)) for n in ("qkv_proj", "o_proj")}}
+        specs["gate_up"] = spec(layer.mlp.gate_up_proj)
         specs["embed"] = spec(sharded.language_model.embed_tokens)
-        shard_shape = layer.self_attn.q_proj.get_value().addressable_shards[0].data.shape
+        shard_shape = layer.self_attn.qkv_proj.get_value().addressable_shards[0].data.shape
         print(json.dumps({{"specs": specs, "shard": list(shard_shape), "diff": diff, "devices": len(jax.devices())}}))
     """, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
     assert result["devices"] == 2
-    assert result["specs"] == {"q_proj": [None, "model", None], "k_proj": [None, "model", None],
-                               "o_proj": ["model", None, None], "up": [None, "model"], "embed": ["model", None]}
-    assert result["shard"] == [64, 2, 16]  # 4 query heads split over 2 devices
+    assert result["specs"] == {"qkv_proj": [None, "model", None, None], "o_proj": ["model", None, None],
+                               "gate_up": [None, None, "model"], "embed": ["model", None]}
+    assert result["shard"] == [64, 2, 3, 16]  # 4 heads' q, k and v split over 2 devices
     assert result["diff"] < 1e-4
 
 

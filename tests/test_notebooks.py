@@ -177,15 +177,15 @@ def test_tensor_parallel(demo_model, tmp_path):
         "03_tensor_parallel.ipynb", {"MODEL": str(demo_model), "IMAGE": None, "MAX_NEW_TOKENS": NEW_TOKENS}, """
 probe = {
     "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": len(devices), "tp": TP,
-    "q_proj_spec": [None if a is None else str(a) for a in q_proj_spec],
+    "qkv_proj_spec": [None if a is None else str(a) for a in qkv_proj_spec],
     "tp_tokens": tp_tokens, "tp1_tokens": tp1_tokens,
 }""", tmp_path)
     # No accelerator (JAX_PLATFORMS=cpu): the first cell split the CPU into 2 devices before JAX started.
     assert "--xla_force_host_platform_device_count=2" in probe["xla_flags"]
     assert probe["devices"] == 2 and probe["tp"] == 2
-    assert probe["q_proj_spec"] == [None, "model", None]  # [hidden, heads, head_dim]: heads split
-    q_line = next(line for line in stdout_of(cell(nb, "sharding")).splitlines() if "self_attn.q_proj:" in line)
-    assert "'model'" in q_line and "shard (64, 2, 16) on each of 2 devices" in q_line, q_line
+    assert probe["qkv_proj_spec"] == [None, "model", None, None]  # [hidden, kv_heads, q/k/v, head_dim]: heads split
+    q_line = next(line for line in stdout_of(cell(nb, "sharding")).splitlines() if "self_attn.qkv_proj:" in line)
+    assert "'model'" in q_line and "shard (64, 2, 3, 16) on each of 2 devices" in q_line, q_line
     assert all(len(t) == NEW_TOKENS for t in probe["tp_tokens"])  # ignore_eos: full length
     assert probe["tp_tokens"] == probe["tp1_tokens"]
     assert stdout_of(cell(nb, "tp-1")).count("tokens identical") == 2

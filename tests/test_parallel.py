@@ -164,12 +164,10 @@ def test_weights_and_cache_are_split(jobs):
 
     # tp=8 on 8 heads / 8 KV heads: attention by heads, MLP by hidden, embedding and lm_head by vocabulary.
     m = mha["8,1"]
-    assert check(m, "q_proj", [None, "model", None], (d, 1, hd), 8, 1) == 8
-    assert check(m, "k_proj", [None, "model", None], (d, 1, hd), 8, 1) == 8
-    assert check(m, "v_proj", [None, "model", None], (d, 1, hd), 8, 1) == 8
+    # qkv_proj [hidden, kv_heads, q/k/v, head_dim]: each device holds one head's q, k and v.
+    assert check(m, "qkv_proj", [None, "model", None, None], (d, 1, 3, hd), 8, 1) == 8
     assert check(m, "o_proj", ["model", None, None], (1, hd, d), 8, 1) == 8
-    assert check(m, "gate_proj", [None, "model"], (d, f // 8), 8, 1) == 8
-    assert check(m, "up_proj", [None, "model"], (d, f // 8), 8, 1) == 8
+    assert check(m, "gate_up_proj", [None, None, "model"], (d, 2, f // 8), 8, 1) == 8
     assert check(m, "down_proj", ["model", None], (f // 8, d), 8, 1) == 8
     assert check(m, "embed_tokens", ["model", None], (v // 8, d), 8, 1) == 8
     assert check(m, "lm_head", [None, "model"], (d, v // 8), 8, 1) == 8
@@ -183,24 +181,23 @@ def test_weights_and_cache_are_split(jobs):
 
     # dp=2 x tp=4: weights split 4 ways and repeated on both replicas; the cache splits slots over dp too.
     m = mha["4,2"]
-    assert check(m, "q_proj", [None, "model", None], (d, 2, hd), 4, 2) == 4
+    assert check(m, "qkv_proj", [None, "model", None, None], (d, 2, 3, hd), 4, 2) == 4
     assert check(m, "down_proj", ["model", None], (f // 4, d), 4, 2) == 4
     assert check(m, "k_cache", ["data", "model", None, None], (slots // 2, 2, length, hd), 4, 2) == 8
     assert check(m, "vision_fc1", [None, None], (32, 80), 4, 2) == 1
     assert m["vision_tower_split"] == []
 
-    # tp=8 with 2 KV heads: queries and o_proj split by head, K/V projections and cache replicated over tp.
+    # tp=8 with 2 KV heads: o_proj still splits by query head; the fused q/k/v projection (grouped by KV head)
+    # and the cache are replicated over tp.
     g = gqa["8,1"]
-    assert check(g, "q_proj", [None, "model", None], (d, 1, hd), 8, 1) == 8
+    assert check(g, "qkv_proj", [None, None, None, None], (d, 2, 6, hd), 8, 1) == 1
     assert check(g, "o_proj", ["model", None, None], (1, hd, d), 8, 1) == 8
-    assert check(g, "k_proj", [None, None, None], (d, 2, hd), 8, 1) == 1
-    assert check(g, "v_proj", [None, None, None], (d, 2, hd), 8, 1) == 1
     assert check(g, "k_cache", ["data", None, None, None], (slots, 2, length, hd), 8, 1) == 1
-    assert check(g, "gate_proj", [None, "model"], (d, f // 8), 8, 1) == 8
+    assert check(g, "gate_up_proj", [None, None, "model"], (d, 2, f // 8), 8, 1) == 8
     assert g["vision_tower_split"] == []
     # dp=4 x tp=2 divides the 2 KV heads again: one KV head and one slot per device.
     g = gqa["2,4"]
-    assert check(g, "k_proj", [None, "model", None], (d, 1, hd), 2, 4) == 2
+    assert check(g, "qkv_proj", [None, "model", None, None], (d, 1, 6, hd), 2, 4) == 2
     assert check(g, "k_cache", ["data", "model", None, None], (1, 1, length, hd), 2, 4) == 8
 
     # Layouts that do not fit: ValueError naming tp and the head or device counts.
