@@ -165,6 +165,10 @@ def test_pil_image_is_converted_and_left_untouched():
     assert out.mode == "RGB" and out.size == (3, 2)
     assert out.getpixel((0, 0)) == (10, 20, 30)
     assert rgba.mode == "RGBA" and out is not rgba
+    rgb = Image.new("RGB", (3, 2), (10, 20, 30))
+    out = load_image(rgb)  # already upright RGB: still a copy, never the caller's image
+    out.putpixel((0, 0), (0, 0, 0))
+    assert out is not rgb and rgb.getpixel((0, 0)) == (10, 20, 30)
 
 
 def test_local_path_str_and_pathlike(tmp_path):

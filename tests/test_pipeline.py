@@ -21,6 +21,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import jaxvlm
 from jaxvlm import (ChatTemplateConfig, EngineConfig, GenerationConfig, PytorchEngineConfig, Response,
                     TurbomindEngineConfig, VisionConfig, pipeline)
+from jaxvlm.prompts import normalize_prompt
 from jaxvlm.vl import IMAGE_TOKEN, load_image
 
 
@@ -161,3 +162,34 @@ def test_greedy_equals_transformers_on_the_rendered_prompt(request, name, image_
     assert ours.token_ids == expected
     assert ours.finish_reason == ("stop" if eos in out else "length")
     assert ours.text == processor.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", ["llava15_hf", "llava_next_hf"])
+def test_image_runs_are_placed_as_transformers_places_them(request, name):
+    """Several images between text: the ids transformers' processor gives, each run starting where we say."""
+    tiny = request.getfixturevalue(name)
+    pipe = request.getfixturevalue("next_pipe") if name == "llava_next_hf" else pipeline(str(tiny.path))
+    images = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (20, 50), "blue"), Image.new("RGB", (33, 33))]
+    text = f"compare {IMAGE_TOKEN} with {IMAGE_TOKEN}, then{IMAGE_TOKEN}"
+    req = pipe.processor.make_request(0, normalize_prompt((text, images)), GenerationConfig())
+    prompt = pipe.processor.template.render([{"role": "user", "content": text}])
+    processor = AutoProcessor.from_pretrained(tiny.path)
+    expected = processor(text=prompt.replace(IMAGE_TOKEN, tiny.image_token), images=images)["input_ids"][0]
+    assert req.token_ids.dtype == np.int32
+    np.testing.assert_array_equal(req.token_ids, expected)
+    is_image = req.token_ids == tiny.image_token_index
+    for im in req.images:
+        run = len(im.layout)
+        assert is_image[im.start : im.start + run].all()
+        assert not is_image[im.start - 1] and not is_image[im.start + run]
+
+
+def test_a_single_prompt_is_prepared_on_the_calling_thread(next_pipe, monkeypatch):
+    seen = []
+    make_request = next_pipe.processor.make_request
+    monkeypatch.setattr(next_pipe.processor, "make_request",
+                        lambda *a, **k: seen.append(threading.current_thread()) or make_request(*a, **k))
+    next_pipe(("describe", Image.new("RGB", (8, 8))), gen_config=GenerationConfig(max_new_tokens=1))
+    next_pipe(["one", "two"], gen_config=GenerationConfig(max_new_tokens=1))
+    assert seen[0] is threading.current_thread()  # no thread start and handoff for one request
+    assert all(t is not threading.current_thread() for t in seen[1:])  # a batch loads on the pool
