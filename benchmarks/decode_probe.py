@@ -3,13 +3,12 @@
 Times the jitted steps directly (no tokenizer or images), to find where decode time goes before the full
 side-by-side benchmark (`run.py`). Prints JSON lines.
 
-    python benchmarks/decode_probe.py [--slots 1,64] [--steps 64] [--attention xla,pallas]
+    python benchmarks/decode_probe.py [--slots 1,64] [--steps 64]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 
@@ -20,7 +19,6 @@ from flax import nnx
 
 from jaxvlm.config import GenerationConfig
 from jaxvlm.engine import Engine
-from jaxvlm.kernels import attention
 from jaxvlm.model_config import llava_config_from_hf
 from jaxvlm.modeling import Llava, init_cache
 from jaxvlm.runner import ModelRunner
@@ -101,7 +99,6 @@ def main() -> None:
     ap.add_argument("--slots", default="1,64")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=600)
-    ap.add_argument("--attention", default="xla,pallas", help="decode attention paths to time, in turn")
     ap.add_argument("--phases", action="store_true", help="time vision and prefill stages only")
     args = ap.parse_args()
     cfg = llava_config_from_hf(LLAVA_15_7B)
@@ -114,8 +111,7 @@ def main() -> None:
     bw = bandwidth_gbs()
     print(json.dumps({"phase": "bandwidth", "gb_per_s": bw}))
     rng = np.random.default_rng(0)
-    for impl, slots in itertools.product(args.attention.split(","), [int(s) for s in args.slots.split(",")]):
-        attention.DECODE_IMPL = impl  # read when the decode step is traced
+    for slots in [int(s) for s in args.slots.split(",")]:
         runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=jnp.bfloat16)
         engine = Engine(runner, max_vision_tiles=16)
         gen = GenerationConfig(max_new_tokens=args.steps, ignore_eos=True)
@@ -138,7 +134,7 @@ def main() -> None:
         per_step = decode_s / steps
         kv_bytes = 2 * 32 * 4096 * 2 * (args.prompt + args.steps / 2) * slots
         print(json.dumps({
-            "phase": "decode", "attention": impl, "slots": slots, "warmup_s": warm, "ttft_s": first, "ms_per_step": per_step * 1e3,
+            "phase": "decode", "slots": slots, "warmup_s": warm, "ttft_s": first, "ms_per_step": per_step * 1e3,
             "tokens_per_s": slots * steps / decode_s, "roofline_fraction": (weight_bytes + kv_bytes) / (bw * 1e9) / per_step,
             "compiled": sorted(map(str, runner.compiled)),
         }))

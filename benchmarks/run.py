@@ -709,7 +709,7 @@ def plan_phases(s: Settings, args: argparse.Namespace, scratch: Path) -> list[Ph
     ]
     if args.only in (None, "jaxvlm"):
         phases += [
-            Phase("jaxvlm", "jaxvlm", dict(jaxvlm, steps=jax_steps), 360 if big else 180),
+            Phase("jaxvlm", "jaxvlm", dict(jaxvlm, steps=jax_steps), 400 if big else 180),
             # The cold start's engine settings and first request, now with the cache that process left.
             Phase("jaxvlm-warm-start", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="1.5-latency",
                                                                           tasks=["first"])]), 150 if big else 120),
