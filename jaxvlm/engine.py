@@ -1,9 +1,10 @@
 """The engine loop: continuous batching over the runner's fixed cache slots.
 
 Each iteration admits waiting requests into free slots (one batched vision call and one batched prefill), then
-dispatches one decode step for every running slot. Results are read one iteration late: while the device runs
-step n the host processes step n-1 (stop rules, detokenization), so the host never stalls the device. A slot
-that finished is thus decoded once more; that token is simply dropped.
+dispatches one decode step for every running slot. Results are read two dispatches late: while the device runs
+step n the host processes step n-2 (stop rules, detokenization), so the host never stalls the device. A slot
+that finished is thus decoded up to twice more; those tokens are dropped, and the slot is then released (marked
+idle on the device, so decode attention stops reading its cache).
 """
 
 from __future__ import annotations
