@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxvlm.chat_template import ChatTemplateConfig
 from jaxvlm.config import EngineConfig, GenerationConfig, Response, VisionConfig
+from jaxvlm.detokenize import IncrementalDetokenizer
 from jaxvlm.engine import Engine, Event
 from jaxvlm.model_loader import LoadedModel, load
 from jaxvlm.prompts import Conversation, normalize_prompt, split_batch
@@ -130,7 +131,7 @@ class Pipeline:
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def _response(self, event: Event, text: str) -> Response:
+    def _response(self, event: Event, text: str, token_ids: list[int] | None = None) -> Response:
         seq = event.seq
         req = seq.request
         return Response(
@@ -138,7 +139,7 @@ class Pipeline:
             generate_token_len=len(seq.output_ids),
             input_token_len=len(req.token_ids),
             finish_reason=seq.finish_reason,
-            token_ids=list(seq.output_ids),
+            token_ids=list(seq.output_ids) if token_ids is None else token_ids,
             logprobs=list(seq.logprobs) if req.gen_config.logprobs else None,
             index=req.index,
             error_message=seq.error_message,
@@ -208,26 +209,37 @@ class Pipeline:
     batch_infer = infer
 
     def stream_infer(self, prompts, gen_config=None, **kwargs) -> Iterator[Response]:
-        """Yields Response deltas: `text`/`token_ids` are the new part, `index` names the prompt."""
+        """Yields Response deltas: `text`/`token_ids` are the new part, `index` names the prompt.
+
+        Text is detokenized incrementally (a few tokens per step). With stop words, the last characters that
+        could be the start of one are held back until the next tokens decide."""
         self._check_open()
         items, _, count = self._items(prompts, gen_config)
-        shown: dict[int, str] = {}
+        streams: dict[int, IncrementalDetokenizer] = {}
+        unsent: dict[int, str] = collections.defaultdict(str)  # decoded text held back near a stop word
+        shown: dict[int, str] = collections.defaultdict(str)  # text given out so far
         held: dict[int, list[int]] = collections.defaultdict(list)  # tokens whose text is not out yet
         for event in self.engine.generate(self._requests(items, count)):
-            idx = event.seq.request.index
+            seq = event.seq
+            idx = seq.request.index
             held[idx] += event.new_ids
             if event.finished:
-                text = self._final_text(event)
+                final = self._final_text(event)
+                text = final[len(shown[idx]):] if final.startswith(shown[idx]) else final
+                for state in (streams, unsent, shown):
+                    state.pop(idx, None)
             else:
-                if event.seq.request.stop_strings:
-                    continue  # text near a stop string may yet be cut: it all comes out at the end
-                text = self._decode_ids(event.seq.output_ids, event.seq.request.gen_config.skip_special_tokens)
-                if text.endswith("\ufffd"):
-                    continue  # an incomplete UTF-8 sequence: wait for the rest of the character
-            prev = shown.get(idx, "")
-            shown[idx] = text
-            resp = self._response(event, text[len(prev):] if text.startswith(prev) else text)
-            resp.token_ids = held.pop(idx)
+                if idx not in streams:
+                    skip = seq.request.gen_config.skip_special_tokens
+                    streams[idx] = IncrementalDetokenizer(lambda ids, skip=skip: self._decode_ids(ids, skip))
+                unsent[idx] += streams[idx].step(seq.output_ids)
+                keep = max((len(w) for w in seq.request.stop_strings), default=1) - 1
+                text = unsent[idx][: len(unsent[idx]) - keep]
+                if not text:
+                    continue
+                unsent[idx] = unsent[idx][len(text):]
+                shown[idx] += text
+            resp = self._response(event, text, token_ids=held.pop(idx))
             if not event.finished:
                 resp.finish_reason = None
             yield resp

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxvlm import sampling
 from jaxvlm.config import MAX_LOGPROBS
+from jaxvlm.detokenize import tail_text
 from jaxvlm.modeling import NEWLINE
 from jaxvlm.runner import ModelRunner, PrefillBatch
 from jaxvlm.scheduler import EngineRequest, Scheduler, Sequence, Status
@@ -125,7 +126,8 @@ class Engine:
             ids, lps = logprob_row
             seq.logprobs.append({int(i): float(p) for i, p in zip(ids[: g.logprobs], lps[: g.logprobs])})
         if seq.request.stop_strings and self.detokenize is not None:
-            text = self.detokenize(seq.output_ids)
+            # Only the tail can hold a stop word that this token completed (earlier ones were checked before).
+            text = tail_text(self.detokenize, seq.output_ids, max(map(len, seq.request.stop_strings)))
             if any(s in text for s in seq.request.stop_strings):
                 sched.finish(seq, "stop")
                 return Event(seq, [token], True)
