@@ -60,6 +60,13 @@ def test_smoke_run_completes_every_phase(smoke):
         "transformers-static-warm-start"}
 
 
+DECODE_ROWS = ("decode_tok_s_b1", "decode_roofline_fraction", "decode_tok_s_b1_offline_engine")
+
+
+def _marked_invalid(table: dict) -> set[str]:
+    return {row for row in DECODE_ROWS if str(table.get(row, "")).startswith("invalid: t(")}
+
+
 def test_every_row_is_a_positive_number_for_every_system(smoke):
     _, doc = smoke
     counts = doc["meta"]["settings"]["counts"]
@@ -73,13 +80,11 @@ def test_every_row_is_a_positive_number_for_every_system(smoke):
         assert list(doc["table"][system]) == rows, system
         table = doc["table"][system]
         bad = {row: table[row] for row in rows if not _is_positive_number(table[row])}
-        if system == "transformers-static":
-            # On CPU, torch.compile's static-cache timings are erratic (a 1-token request has been measured
-            # 8x slower than a 24-token one under load); the script then marks the decode rate invalid with its
+        if system != "jaxvlm":
+            # On a loaded CPU, transformers' timings are erratic (a 1-token request has been measured slower
+            # than a 24-token one, eager and compiled); the script then marks the decode rate invalid with its
             # reason rather than printing a wrong number. Every other row must still be a positive number.
-            marked = {row for row in ("decode_tok_s_b1", "decode_roofline_fraction", "decode_tok_s_b1_offline_engine")
-                      if str(bad.get(row, "")).startswith("invalid: t(")}
-            bad = {row: v for row, v in bad.items() if row not in marked}
+            bad = {row: v for row, v in bad.items() if row not in _marked_invalid(table)}
         assert not bad, (system, bad)
 
 
@@ -110,6 +115,10 @@ def test_measurements_are_consistent(smoke):
     assert all(d["jaxvlm"][f"{step}/live_arrays_after_free"] == 0 for step in ("1.5-latency", "1.6-latency"))
     for system, phase, step in (("jaxvlm", "jaxvlm", "1.5-latency"), ("transformers", "transformers", "1.5")):
         ttft_s = d[phase][f"{step}/ttft_ms"] / 1e3
+        if system != "jaxvlm" and _marked_invalid(doc["table"][system]):
+            # An inverted timing (see above) is reported as such, with both figures, instead of a rate.
+            assert f"<= TTFT {ttft_s:.4f}s" in doc["table"][system]["decode_tok_s_b1"]
+            continue
         assert d[phase][f"{step}/decode_total_s"] > ttft_s
         n = doc["meta"]["settings"]["new_tokens"]
         assert doc["table"][system]["decode_tok_s_b1"] == pytest.approx(
