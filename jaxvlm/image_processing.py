@@ -196,7 +196,12 @@ class ImageProcessor:
             tiles = [_pad_to_square(rgb, self.pad_color)]
         else:
             tiles = [rgb]
-        pixel_values = np.stack([self._finish(tile) for tile in tiles])
+        crops = [self._resize_and_crop(tile) for tile in tiles]
+        # Rescale + normalize: one table gather per channel, written straight into the CHW result.
+        pixel_values = np.empty((len(crops), 3, *crops[0].shape[:2]), np.float32)
+        for i, crop in enumerate(crops):
+            for c in range(3):
+                np.take(self._value_table[c], crop[..., c], out=pixel_values[i, c])
         return ProcessedImage(pixel_values=pixel_values, image_size=(height, width), grid=grid)
 
     def _to_rgb(self, image: Image.Image) -> np.ndarray:
@@ -230,8 +235,8 @@ class ImageProcessor:
         base = _resize(rgb, base_hw, resample)  # type: ignore[arg-type]
         return [base, *grid_tiles]
 
-    def _finish(self, tile: np.ndarray) -> np.ndarray:
-        """Resize, centre crop, rescale and normalize one HWC uint8 tile; returns CHW float32."""
+    def _resize_and_crop(self, tile: np.ndarray) -> np.ndarray:
+        """Resize and centre crop one HWC uint8 tile."""
         out: np.ndarray = tile
         if self.do_resize:
             if self.resize_hw is not None:
@@ -241,8 +246,7 @@ class ImageProcessor:
             out = _resize(out, target, self.resample)
         if self.do_center_crop and self.crop_hw is not None:
             out = _center_crop(out, self.crop_hw)
-        lut = self._value_table
-        return np.stack([lut[c][out[..., c]] for c in range(3)])
+        return out
 
     @functools.cached_property
     def _value_table(self) -> np.ndarray:
