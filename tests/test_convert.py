@@ -206,6 +206,10 @@ def test_load_rejects_a_config_that_does_not_fit(llava15_hf, tmp_path):
     (dst / converted_checkpoint.MARKER).write_text(json.dumps({**marker, "version": 99}))
     with pytest.raises(ConfigError, match="newer"):
         converted_checkpoint.open_checkpoint(dst)
+    # Format 1 stored q/k/v and gate/up separately: it must be converted again, not half-loaded.
+    (dst / converted_checkpoint.MARKER).write_text(json.dumps({**marker, "version": 1}))
+    with pytest.raises(ConfigError, match="older jaxvlm .* convert the model again"):
+        converted_checkpoint.open_checkpoint(dst)
 
 
 # ------------------------------------------------------------------------------------------------ command line
