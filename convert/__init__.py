@@ -8,9 +8,11 @@ interrupted conversion never leaves a directory that loads.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,7 +81,8 @@ def convert_checkpoint(
     _check_destination(dst, info, overwrite)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    work = dst.with_name(f".{dst.name}.converting-{uuid.uuid4().hex[:8]}")
+    _remove_abandoned_work(dst)
+    work = dst.with_name(f".{dst.name}.converting-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     work.mkdir()  # not mkdtemp: its 0700 mode would stay on the finished checkpoint
     try:
         files = _copy_metadata(src_dir, work)
@@ -101,6 +104,27 @@ def convert_checkpoint(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return dst
+
+
+def _remove_abandoned_work(dst: Path) -> None:
+    """Deletes the work directories of earlier conversions to `dst` that were killed (SIGKILL, power loss) before
+    they could clean up: those named after this host and a process that no longer runs. A conversion still
+    running, or one from another host sharing the filesystem, is left alone."""
+    prefix = f".{dst.name}.converting-{socket.gethostname()}-"
+    for work in dst.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = work.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def _check_destination(dst: Path, info: CheckpointInfo, overwrite: bool) -> None:

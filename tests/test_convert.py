@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -281,6 +282,21 @@ def test_interrupted_conversion_leaves_nothing(llava15_hf, tmp_path, monkeypatch
     monkeypatch.setattr(converted_checkpoint.GroupWriter, "_flush", interrupted)
     assert convert.main([str(llava15_hf.path), str(tmp_path / "out"), "--quiet"]) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_work_left_by_a_killed_conversion_is_removed_next_time(llava15_hf, tmp_path):
+    """A SIGKILLed conversion cannot clean up; the next conversion to that destination removes its work
+    directory, but not one of a conversion still running (this process) or from another host."""
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f".out.converting-{host}-{int(dead.stdout)}-0a1b2c3d"
+    running = tmp_path / f".out.converting-{host}-{os.getpid()}-0a1b2c3d"
+    elsewhere = tmp_path / ".out.converting-another-host-1-0a1b2c3d"
+    for d in (killed, running, elsewhere):
+        (d / "weights").mkdir(parents=True)
+    assert convert.main([str(llava15_hf.path), str(tmp_path / "out"), "--quiet"]) == 0
+    assert not killed.exists() and running.exists() and elsewhere.exists()
+    assert converted_checkpoint.is_converted(tmp_path / "out")
 
 
 def test_python_m_convert_help():
