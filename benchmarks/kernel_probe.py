@@ -1,6 +1,6 @@
 """Op-level GPU probe: decode attention (XLA against the ragged Pallas kernel's tilings), the KV-cache write,
-and fused against separate projection matmuls, each at 7B shapes over 32 layers in one jit (so batch-1
-caches do not sit in L2). Prints JSON lines; use it to choose defaults before the full benchmark (`run.py`).
+and fused against separate projection matmuls, each at 7B shapes over enough layers in one jit that the
+data read stays far past the L2 cache. Prints JSON lines; use it to choose defaults before the full benchmark (`run.py`).
 
     python benchmarks/kernel_probe.py [--budget-s 420]
 """
@@ -48,9 +48,9 @@ def attention_cases(deadline: float, only_cases: list[str] | None) -> None:
     }
     tilings = [ragged_decode.default_tiling]
     for block_k, warps in itertools.product((32, 64, 128), (2, 4, 8)):
-        tilings.append(ragged_decode.Tiling(block_k=block_k, chunk=256, num_warps=warps, dot=True))
+        tilings.append(ragged_decode.Tiling(block_k=block_k, chunk=256, num_warps=warps))
     for chunk in (128, 512, 1024):
-        tilings.append(ragged_decode.Tiling(block_k=64, chunk=chunk, num_warps=4, dot=True))
+        tilings.append(ragged_decode.Tiling(block_k=64, chunk=chunk, num_warps=4))
     for name, (slots, t, lengths) in cases.items():
         if only_cases and name not in only_cases:
             continue
@@ -74,7 +74,7 @@ def attention_cases(deadline: float, only_cases: list[str] | None) -> None:
                                                 for k, v in c))
                 label = f"xla(kv_len={kv_len})"
             else:
-                tiling = variant(slots, t) if callable(variant) else variant
+                tiling = variant(slots, HEADS, t) if callable(variant) else variant
                 if t % tiling.chunk:
                     continue
                 f = jax.jit(lambda q, c, l, tiling=tiling: sum(
