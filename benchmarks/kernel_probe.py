@@ -1,6 +1,7 @@
 """Op-level GPU probe: decode attention (XLA against the ragged Pallas kernel's tilings), the KV-cache write,
 and fused against separate projection matmuls, each at 7B shapes over enough layers in one jit that the
-data read stays far past the L2 cache. Prints JSON lines; use it to choose defaults before the full benchmark (`run.py`).
+data read stays far past the L2 cache. Prints JSON lines; use it to choose defaults before the full
+benchmark (`run.py`).
 
     python benchmarks/kernel_probe.py [--budget-s 420]
 """
