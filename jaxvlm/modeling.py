@@ -240,7 +240,7 @@ class DecoderLayer(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v[b : b + 1].swapaxes(1, 2).astype(v_cache.dtype), start)
         return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
 
-    def decode(self, x, positions, lengths, inv_freq, cache, kv_len: int):
+    def decode(self, x, positions, lengths, inv_freq, cache, kv_len: int, attention_impl: str | None):
         """x [S, D], one token per slot at `positions` [S]; slot s attends to its first `lengths[s]` cache
         entries (0: an idle slot), all within the first `kv_len`."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x)[:, None], positions[:, None], inv_freq)
@@ -248,7 +248,7 @@ class DecoderLayer(nnx.Module):
         slot = jnp.arange(x.shape[0])
         k_cache = k_cache.at[slot, :, positions].set(k[:, 0].astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[slot, :, positions].set(v[:, 0].astype(v_cache.dtype), mode="drop")
-        attn = decode_attention(q[:, 0], k_cache, v_cache, lengths, kv_len)
+        attn = decode_attention(q[:, 0], k_cache, v_cache, lengths, kv_len, impl=attention_impl)
         x = x + self.self_attn.out(attn)
         return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
 
@@ -282,10 +282,11 @@ class LlamaModel(nnx.Module):
         inv_freq = rope_frequencies(self.config)
         return self._layers(x, cache, lambda layer, h, c: layer.prefill(h, positions, inv_freq, c, slots))
 
-    def decode(self, x: jax.Array, positions: jax.Array, lengths: jax.Array, cache: KVCache,
-               kv_len: int) -> tuple[jax.Array, KVCache]:
+    def decode(self, x: jax.Array, positions: jax.Array, lengths: jax.Array, cache: KVCache, kv_len: int,
+               attention_impl: str | None = None) -> tuple[jax.Array, KVCache]:
         inv_freq = rope_frequencies(self.config)
-        return self._layers(x, cache, lambda layer, h, c: layer.decode(h, positions, lengths, inv_freq, c, kv_len))
+        return self._layers(x, cache, lambda layer, h, c: layer.decode(h, positions, lengths, inv_freq, c, kv_len,
+                                                                        attention_impl))
 
 
 # ------------------------------------------------------------------------------------------------------ LLaVA
@@ -335,11 +336,12 @@ class Llava(nnx.Module):
         last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]
         return self.language_model.logits(last), cache
 
-    def decode(self, tokens, positions, lengths, cache: KVCache, kv_len: int):
+    def decode(self, tokens, positions, lengths, cache: KVCache, kv_len: int, attention_impl: str | None = None):
         """One token per slot: `tokens` [S] at `positions` [S]; `lengths` [S] is positions + 1 for a running slot
-        and 0 for an idle one, whose cache the GPU kernel then skips."""
+        and 0 for an idle one, whose cache the GPU kernel then skips. `attention_impl` None lets
+        `decode_attention` choose."""
         x = self.language_model.embed(tokens)
-        h, cache = self.language_model.decode(x, positions, lengths, cache, kv_len)
+        h, cache = self.language_model.decode(x, positions, lengths, cache, kv_len, attention_impl)
         return self.language_model.logits(h), cache
 
 
