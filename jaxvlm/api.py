@@ -134,13 +134,16 @@ class Pipeline:
     def _response(self, event: Event, text: str, token_ids: list[int] | None = None) -> Response:
         seq = event.seq
         req = seq.request
+        logprobs = None
+        if req.gen_config.logprobs:  # a delta (token_ids given) carries its own tokens' logprobs only
+            logprobs = list(seq.logprobs) if token_ids is None else seq.logprobs[len(seq.output_ids) - len(token_ids):]
         return Response(
             text=text,
             generate_token_len=len(seq.output_ids),
             input_token_len=len(req.token_ids),
             finish_reason=seq.finish_reason,
             token_ids=list(seq.output_ids) if token_ids is None else token_ids,
-            logprobs=list(seq.logprobs) if req.gen_config.logprobs else None,
+            logprobs=logprobs,
             index=req.index,
             error_message=seq.error_message,
         )

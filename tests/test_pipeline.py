@@ -126,6 +126,12 @@ def test_stream_infer_and_chat(next_pipe, image_server):
     assert "".join(d.text for d in deltas) == whole.text
     assert sum((d.token_ids for d in deltas), []) == whole.token_ids
     assert deltas[-1].finish_reason == "length" and all(d.index == 0 for d in deltas)
+    # With logprobs, each delta carries those of its own tokens.
+    gen_lp = GenerationConfig(max_new_tokens=12, ignore_eos=True, logprobs=2)
+    whole_lp = next_pipe(("describe this image", image), gen_config=gen_lp)
+    deltas = list(next_pipe.stream_infer([("describe this image", image)], gen_config=gen_lp))
+    assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
+    assert sum((d.logprobs for d in deltas), []) == whole_lp.logprobs
     sess = next_pipe.chat(("describe this image", image), gen_config=gen)
     first = sess.response
     assert first.token_ids == whole.token_ids
