@@ -5,16 +5,16 @@ from __future__ import annotations
 import base64
 import io
 import struct
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from loopback import Loopback
 from jaxvlm.vl import IMAGE_TOKEN, FetchPolicy, ImageLoadError, load_image, load_images
 
 
@@ -59,9 +59,8 @@ def no_proxies(monkeypatch):
 
 # ----------------------------------------------------------------------------- loopback server
 
-class Server:
+class Server(Loopback):
     def __init__(self):
-        self.stop = threading.Event()
         self.requests: list[tuple[str, dict]] = []
         owner = self
 
@@ -134,16 +133,7 @@ class Server:
                 else:
                     self.send_body(404, b"", "text/plain")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from jaxvlm import (ChatTemplateConfig, EngineConfig, GenerationConfig, PytorchE
                     TurbomindEngineConfig, VisionConfig, pipeline)
 from jaxvlm.prompts import normalize_prompt
 from jaxvlm.vl import IMAGE_TOKEN, load_image
+from loopback import Loopback
 
 
 def _png(w: int, h: int, seed: int) -> bytes:
@@ -40,10 +41,9 @@ def image_server(tmp_path_factory):
         (root / name).write_bytes(_png(60 + 10 * i, 40 + 7 * i, i))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    server = Loopback(handler)
+    yield server.base
+    server.close()
 
 
 @pytest.fixture(scope="module")

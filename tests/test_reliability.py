@@ -14,10 +14,9 @@ import io
 import json
 import shutil
 import struct
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import jax
@@ -29,6 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import tiny_models
+from loopback import Loopback
 from jaxvlm import EngineConfig, GenerationConfig, VisionConfig, pipeline, vl
 from jaxvlm.config import Response
 from jaxvlm.prompts import Conversation, normalize_prompt
@@ -76,12 +76,11 @@ GIF = animated_gif()
 # ------------------------------------------------------------------------------------------------ loopback server
 
 
-class LoopbackServer:
+class LoopbackServer(Loopback):
     """127.0.0.1 only. Each path is one kind of answer a real image host can give."""
 
     def __init__(self):
-        self.release = threading.Event()
-        release = self.release
+        owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -111,7 +110,7 @@ class LoopbackServer:
                 elif path == "/500":
                     self.answer(500, b"crashed", "text/plain")
                 elif path == "/hang":  # accepts the connection, never answers
-                    release.wait(30)
+                    owner.stop.wait(30)
                 elif path == "/loop":
                     self.redirect("/loop")
                 elif path.startswith("/hop/"):  # /hop/n: n more redirects before the image
@@ -136,15 +135,7 @@ class LoopbackServer:
                 else:
                     self.answer(404, b"", "text/plain")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture(scope="module")
