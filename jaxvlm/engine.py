@@ -27,7 +27,6 @@ from jaxvlm.scheduler import EngineRequest, Scheduler, Sequence, Status
 log = logging.getLogger(__name__)
 
 
-
 def _slot_params(seq: Sequence) -> sampling.SlotParams:
     r = seq.request
     return sampling.SlotParams.from_generation_config(r.gen_config, stop_ids=sorted(r.stop_ids),

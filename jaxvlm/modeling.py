@@ -191,7 +191,8 @@ class Attention(nnx.Module):
         self.group = h // kvh
         self.qkv_proj = param((d, kvh, self.group + 2, hd), dtype, ("embed", "kv_heads", None, "head_dim"))
         self.o_proj = param((h, hd, d), dtype, ("q_heads", "head_dim", "embed"))
-        self.qkv_bias = param((kvh, self.group + 2, hd), dtype, ("kv_heads", None, "head_dim")) if c.attention_bias else None
+        self.qkv_bias = (param((kvh, self.group + 2, hd), dtype, ("kv_heads", None, "head_dim"))
+                         if c.attention_bias else None)
 
     def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
         qkv = jnp.einsum("...d,dkgh->...kgh", x, self.qkv_proj[...])

@@ -96,7 +96,8 @@ def _layer_table(t) -> dict[str, tuple[tuple, Callable, Part | None]]:
     """Decoder-layer tensor (name within the layer) -> (sub-path, transform, part of a fused parameter)."""
     d, f, hd, kvh = t.hidden_size, t.intermediate_size, t.head_dim, t.num_kv_heads
     g = t.num_heads // kvh
-    qkv = lambda start, stop: Part((slice(None), slice(start, stop)), (kvh, g + 2, hd, d), lambda b: b.transpose(3, 0, 1, 2))
+    qkv = lambda start, stop: Part((slice(None), slice(start, stop)), (kvh, g + 2, hd, d),
+                                   lambda b: b.transpose(3, 0, 1, 2))
     qkv_bias = lambda start, stop: Part((slice(None), slice(start, stop)), (kvh, g + 2, hd), _identity)
     gate_up = lambda i: Part((slice(i, i + 1),), (2, f, d), lambda b: b.transpose(2, 0, 1))
     gate_up_bias = lambda i: Part((slice(i, i + 1),), (2, f), _identity)
@@ -149,7 +150,8 @@ def target(canon: str, cfg: LlavaConfig) -> tuple[tuple, Callable, Part | None] 
         if m2 := re.fullmatch(r"(layer_norm[12])\.(weight|bias)", rest):
             return base + (m2[1], "scale" if m2[2] == "weight" else "bias"), _identity, None
         if m2 := re.fullmatch(r"(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)\.(weight|bias)", rest):
-            return base + (m2[1], "kernel" if m2[2] == "weight" else "bias"), _dense if m2[2] == "weight" else _identity, None
+            weight = m2[2] == "weight"
+            return base + (m2[1], "kernel" if weight else "bias"), _dense if weight else _identity, None
         return None
     fixed = {
         "lm.embed_tokens.weight": (("language_model", "embed_tokens"), _identity),
@@ -165,7 +167,8 @@ def target(canon: str, cfg: LlavaConfig) -> tuple[tuple, Callable, Part | None] 
     if canon in fixed:
         return (*fixed[canon], None)
     if m := re.fullmatch(r"proj\.(linear_[12])\.(weight|bias)", canon):
-        return ("multi_modal_projector", m[1], "kernel" if m[2] == "weight" else "bias"), _dense if m[2] == "weight" else _identity, None
+        weight = m[2] == "weight"
+        return ("multi_modal_projector", m[1], "kernel" if weight else "bias"), _dense if weight else _identity, None
     return None
 
 
@@ -272,7 +275,8 @@ def mapped_tensors(info: CheckpointInfo, shapes: dict[tuple, tuple],
         if path in done or key in seen_parts:
             raise ConfigError(f"tensor {name!r} appears twice in {info.model_dir}")
         value = np.asarray(transform(array))
-        want = tuple(shapes[path]) if part is None else _part_shape(part.source_shape, part.index)
+        # A part's shape: that of its slice of the buffer (a broadcast view, nothing allocated).
+        want = tuple(shapes[path]) if part is None else np.broadcast_to(0, part.source_shape)[part.index].shape
         if value.shape != want:
             raise ConfigError(
                 f"tensor {name!r} has shape {tuple(array.shape)}, which does not fit parameter "
@@ -293,11 +297,6 @@ def mapped_tensors(info: CheckpointInfo, shapes: dict[tuple, tuple],
     if missing:
         raise ConfigError(f"checkpoint {info.model_dir} lacks tensors for: {', '.join(missing[:8])}"
                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-
-
-def _part_shape(shape: tuple[int, ...], part: tuple[slice, ...]) -> tuple[int, ...]:
-    full = part + (slice(None),) * (len(shape) - len(part))
-    return tuple(len(range(*p.indices(n))) for n, p in zip(shape, full))
 
 
 def load_model(
