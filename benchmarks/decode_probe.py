@@ -23,6 +23,7 @@ from jaxvlm.model_config import llava_config_from_hf
 from jaxvlm.modeling import Llava, init_cache
 from jaxvlm.runner import ModelRunner
 from jaxvlm.scheduler import EngineRequest
+from kernel_probe import timeit  # a sibling script: benchmarks/ is on sys.path when this one runs
 
 LLAVA_15_7B = {
     "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": 32000,
@@ -56,16 +57,6 @@ def bandwidth_gbs() -> float:
     return 2 * x.nbytes * 10 / (time.perf_counter() - t) / 1e9
 
 
-def _median_s(fn, iters: int = 5) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def phases(model: Llava) -> None:
     """Device time of the time-to-first-token stages: the vision tower per tile count, and the decoder prefill
     per (rows, padded length), each as a bare jitted call."""
@@ -73,7 +64,8 @@ def phases(model: Llava) -> None:
     encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_images(x))
     for tiles in (1, 5, 8):
         pixels = jnp.asarray(np.random.default_rng(0).standard_normal((tiles, 3, 336, 336)), jnp.float32)
-        print(json.dumps({"phase": "vision", "tiles": tiles, "ms": _median_s(lambda: encode(params, pixels)) * 1e3}))
+        ms = timeit(lambda: encode(params, pixels), iters=5) * 1e3
+        print(json.dumps({"phase": "vision", "tiles": tiles, "ms": ms}))
     tc = model.config.text
     for rows, length in ((1, 640), (1, 768), (1, 2432), (1, 2560), (8, 768)):
         cache = init_cache(tc, rows, length, jnp.bfloat16)
@@ -87,7 +79,7 @@ def phases(model: Llava) -> None:
             logits, cache = step(params, cache, tokens)
             return logits
 
-        sec = _median_s(run)
+        sec = timeit(run, iters=5)
         flops = 2 * rows * length * sum(x.size for x in jax.tree.leaves(nnx.state(model.language_model.layers)))
         print(json.dumps({"phase": "prefill", "rows": rows, "length": length, "ms": sec * 1e3,
                           "matmul_tflops": flops / sec / 1e12}))
