@@ -2,7 +2,8 @@
 
 `prefill_attention` is causal self-attention over a padded prompt chunk; `decode_attention` attends one new
 query per slot to that slot's filled cache prefix. On GPU they use cuDNN flash attention and the Pallas
-(Triton) ragged decode kernel; the XLA paths run everywhere and are the reference the kernels are tested against.
+(Triton) ragged decode kernel; the XLA paths run everywhere and are the reference the kernels are tested
+against.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str | N
     return out.reshape(b, l, h, d).astype(q.dtype)
 
 
-def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, kv_len: int | None = None,
-                     *, impl: str | None = None) -> jax.Array:
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                     kv_len: int | None = None, *, impl: str | None = None) -> jax.Array:
     """One query per slot. q [S, H, D]; caches [S, KVH, T, D]; lengths [S] (filled prefix, 0 for an idle slot)
     -> [S, H, D]; an idle slot's row is meaningless.
 
