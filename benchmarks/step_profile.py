@@ -1,0 +1,107 @@
+"""Where a jitted step's device time goes: profiles a few calls and lists the GPU kernels by total time.
+
+Runs on random 7B-shaped weights made on the device (as `decode_probe.py`). For each step it prints one JSON
+line: kernels per call, the summed kernel time and the span from the first kernel's start to the last one's
+end (the difference is idle gaps between kernels), and the ops that take the most time.
+
+    python benchmarks/step_profile.py [--cases decode1,decode1xla,decode93,prefill2560,vision5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from decode_probe import LLAVA_15_7B, random_model  # sibling scripts: benchmarks/ is on sys.path
+from jaxvlm.model_config import llava_config_from_hf
+from jaxvlm.modeling import init_cache
+from jaxvlm.runner import ModelRunner
+
+
+def kernel_breakdown(call, calls: int = 5, top: int = 25, device_plane: str = "/device:GPU",
+                     line_filter=lambda name: "stream" in name.lower()) -> dict:
+    """Profiles `calls` blocking calls of `call()` (already compiled) and sums the device kernels by op."""
+    call()
+    with tempfile.TemporaryDirectory() as logdir:
+        jax.profiler.start_trace(logdir)
+        for _ in range(calls):
+            jax.block_until_ready(call())
+        jax.profiler.stop_trace()
+        data = jax.profiler.ProfileData.from_file(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0])
+    by_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    count, busy, first, last = 0, 0.0, None, None
+    planes = [p for p in data.planes if p.name.startswith(device_plane)]
+    line_names = sorted({line.name for p in planes for line in p.lines})
+    for plane in planes:
+        for line in plane.lines:
+            if not line_filter(line.name):
+                continue
+            for event in line.events:
+                stats = dict(event.stats)
+                op = stats.get("hlo_op") or stats.get("tf_op") or event.name
+                by_op[str(op)][0] += event.duration_ns
+                by_op[str(op)][1] += 1
+                count += 1
+                busy += event.duration_ns
+                first = event.start_ns if first is None else min(first, event.start_ns)
+                last = max(last or 0, event.start_ns + event.duration_ns)
+    ranked = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "kernels_per_call": count / calls,
+        "kernel_ms_per_call": busy / calls / 1e6,
+        "span_ms_per_call": ((last or 0) - (first or 0)) / calls / 1e6,
+        "lines": line_names,
+        "top_ops_us_per_call": {op: round(ns / calls / 1e3, 1) for op, (ns, _) in ranked},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="decode1,decode1xla,decode93,prefill2560,vision5")
+    args = ap.parse_args()
+    cases = args.cases.split(",")
+    model = random_model(llava_config_from_hf(LLAVA_15_7B))
+    tc = model.config.text
+    rng = np.random.default_rng(0)
+    for case in cases:
+        if case.startswith("decode"):  # "decode<slots>", "decode<slots>xla": every op on the XLA path
+            slots = int(case.removeprefix("decode").removesuffix("xla"))
+            runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=jnp.bfloat16)
+            if case.endswith("xla"):
+                runner._kernel_impl = "xla"
+            # One running sequence of 700 tokens; the other slots idle, as in a lone request in a big engine.
+            runner.state.positions = runner.state.positions.at[0].set(700)
+            runner.state.active = runner.state.active.at[0].set(True)
+            call = lambda: runner.decode(701, greedy_only=True, num_logprobs=0).tokens
+        elif case.startswith("prefill"):
+            length = int(case.removeprefix("prefill"))
+            graphdef, params = nnx.split(model)
+            cache = init_cache(tc, 1, length, jnp.bfloat16)
+            tokens = jnp.asarray(rng.integers(3, 32000, (1, length)), jnp.int32)
+            step = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).prefill(
+                t, None, None, c, jnp.zeros((1,), jnp.int32), jnp.full((1,), length - 1)), donate_argnums=1)
+
+            def call():
+                logits, cache[:] = step(params, cache, tokens)
+                return logits
+        elif case.startswith("vision"):
+            tiles = int(case.removeprefix("vision"))
+            graphdef, params = nnx.split(model)
+            encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_images(x))
+            pixels = jnp.asarray(rng.standard_normal((tiles, 3, 336, 336)), jnp.float32)
+            call = lambda: encode(params, pixels)
+        else:
+            raise SystemExit(f"unknown case {case}")
+        print(json.dumps({"case": case, **kernel_breakdown(call)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
