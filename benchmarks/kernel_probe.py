@@ -178,7 +178,6 @@ def matmul_cases(tilings: dict[str, skinny_matmul.Tiling] | None = None) -> None
                gate_up=w(4 * i + 2, SKINNY_SHAPES["gate_up"]), down=w(4 * i + 3, SKINNY_SHAPES["down"]))
           for i in range(LAYERS)]
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(ws))
-    tilings = tilings or {}
 
     def chain(x, ws, dot):
         for p in ws:
@@ -189,12 +188,19 @@ def matmul_cases(tilings: dict[str, skinny_matmul.Tiling] | None = None) -> None
         return x
 
     xla = lambda x, w, name: x @ w
-    kernel = lambda x, w, name: skinny_matmul.skinny_matmul(x, w, tiling=tilings.get(name))
+    variants = {"xla": None, "skinny, sweep's best": tilings,
+                "skinny, default": {n: skinny_matmul.default_tiling(*kn) for n, kn in SKINNY_SHAPES.items()},
+                "skinny, no splits": {n: skinny_matmul.Tiling(block_n=64, block_k=128) for n in SKINNY_SHAPES},
+                "skinny, CUDA cores": {n: dataclasses.replace(skinny_matmul.default_tiling(*kn), block_k=64, mma=False)
+                                       for n, kn in SKINNY_SHAPES.items()}}
     for rows in (1, 4, 64):
         x = jnp.ones((rows, HIDDEN), jnp.bfloat16)
-        for label, dot in (("xla", xla), ("skinny kernel", kernel)):
-            if label != "xla" and rows > skinny_matmul.ROWS:
+        for label, tiles in variants.items():
+            if label != "xla" and (rows > skinny_matmul.ROWS or not tiles or
+                                   (rows > 1 and not all(t.mma for t in tiles.values()))):
                 continue
+            dot = xla if tiles is None else (
+                lambda x, w, name, tiles=tiles: skinny_matmul.skinny_matmul(x, w, tiling=tiles[name]))
             sec = timeit(jax.jit(lambda x, ws, dot=dot: chain(x, ws, dot)), x, ws)
             emit(case=f"layer matmuls, {rows} rows", variant=label, ms=sec * 1e3, gb_per_s=weight_bytes / sec / 1e9)
     del ws

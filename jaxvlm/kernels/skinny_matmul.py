@@ -28,6 +28,7 @@ class Tiling:
     splits: int = 1  # programs sharing one column block's contraction
     num_warps: int = 4
     num_stages: int = 4
+    mma: bool = True  # products on the matrix units (rows padded to 16), else multiply-adds on the CUDA cores
 
 
 def default_tiling(k: int, n: int) -> Tiling | None:
@@ -43,14 +44,22 @@ def default_tiling(k: int, n: int) -> Tiling | None:
     return None
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_k: int, rows: int):
+def _kernel(x_ref, w_ref, o_ref, *, block_k: int, rows: int, mma: bool):
     span = x_ref.shape[1]  # this program's share of K
 
     def body(i, acc):
         offset = pl.multiple_of(i * block_k, block_k)
-        return acc + pltriton.dot(x_ref[:, pl.ds(offset, block_k)], w_ref[pl.ds(offset, block_k), :])
+        w = w_ref[pl.ds(offset, block_k), :]
+        if mma:
+            return acc + pltriton.dot(x_ref[:, pl.ds(offset, block_k)], w)
+        x = x_ref[0, pl.ds(offset, block_k)].astype(jnp.float32)  # one row: [Bk] x [Bk, Bn], summed at the end
+        return acc + x[:, None] * w.astype(jnp.float32)
 
-    acc = lax.fori_loop(0, span // block_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+    n = o_ref.shape[1]
+    init = jnp.zeros((o_ref.shape[0], n) if mma else (block_k, n), jnp.float32)
+    acc = lax.fori_loop(0, span // block_k, body, init)
+    if not mma:
+        acc = jnp.broadcast_to(acc.sum(axis=0)[None], o_ref.shape)
     real = lax.broadcasted_iota(jnp.int32, (o_ref.shape[0],), 0) < rows  # padding rows are never stored
     pltriton.store(o_ref, acc.astype(o_ref.dtype), mask=real[:, None])
 
@@ -62,8 +71,8 @@ def skinny_matmul(x: jax.Array, w: jax.Array, *, tiling: Tiling | None = None, o
     m, k = x.shape
     n = w.shape[1]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    if m > ROWS:
-        raise ValueError(f"{m} rows exceed the kernel's {ROWS}")
+    if m > (ROWS if tiling is None or tiling.mma else 1):
+        raise ValueError(f"{m} rows exceed the kernel's {ROWS if tiling is None or tiling.mma else 1}")
     tiling = tiling or default_tiling(k, n)
     if tiling is None or n % tiling.block_n or k % (tiling.splits * tiling.block_k):
         raise ValueError(f"[{k}, {n}] does not divide into the kernel's blocks ({tiling})")
@@ -71,7 +80,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, *, tiling: Tiling | None = None, o
     xp = jnp.pad(x.astype(w.dtype), ((0, ROWS - m), (0, 0)))
     partial_dtype = out_dtype if tiling.splits == 1 else jnp.float32
     out = pl.pallas_call(
-        functools.partial(_kernel, block_k=tiling.block_k, rows=m),
+        functools.partial(_kernel, block_k=tiling.block_k, rows=m, mma=tiling.mma),
         grid=(n // tiling.block_n, tiling.splits),
         in_specs=[
             pl.BlockSpec((ROWS, span), lambda j, s: (0, s)),
