@@ -9,7 +9,6 @@ benchmark (`run.py`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import time
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm.kernels import attention, ragged_decode, skinny_matmul
+from jaxvlm.kernels import attention, ragged_decode
 from jaxvlm.runner import _length_bucket
 
 LAYERS, HEADS, HEAD_DIM, HIDDEN, MLP = 32, 32, 128, 4096, 11008
@@ -122,94 +121,45 @@ def scatter_cases() -> None:
         emit(case="kv write 64 slots", variant=label, ms_per_layer_kv=float(np.median(times)) / LAYERS * 1e3)
 
 
-SKINNY_SHAPES = {"qkv": (HIDDEN, 3 * HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (HIDDEN, 2 * MLP),
-                 "down": (MLP, HIDDEN), "lm_head": (HIDDEN, 32064)}
-
-
-def skinny_cases(deadline: float, rows: int = 1) -> dict[str, skinny_matmul.Tiling]:
-    """Each decode weight shape at `rows` rows: XLA's dot against the skinny kernel's tilings, over enough copies
-    of the weight that the reads stay far past the L2. Returns the fastest tiling per shape."""
-    key = jax.random.key(5)
-    best = {}
-    for name, (k, n) in SKINNY_SHAPES.items():
-        copies = max(2, -(-512 * 2**20 // (k * n * 2)))
-        ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) for i in range(copies)]
-        x = jax.random.normal(key, (rows, k), jnp.bfloat16)
-        nbytes = copies * k * n * 2
-        xla = jax.jit(lambda x, ws: [jnp.dot(x, w, preferred_element_type=jnp.float32) for w in ws])
-        ref = xla(x, ws)[0]
-        sec = timeit(xla, x, ws)
-        emit(case=f"skinny {name} {rows} rows", variant="xla", us=sec / copies * 1e6, gb_per_s=nbytes / sec / 1e9)
-        tilings = {skinny_matmul.default_tiling(k, n)}
-        for bn, bk, splits in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4, 8)):
-            if n % bn == 0 and k % (bk * splits) == 0 and 128 <= n // bn * splits <= 1100:
-                tilings.add(skinny_matmul.Tiling(bn, bk, splits))
-        tilings |= {dataclasses.replace(t, num_stages=3) for t in list(tilings)[:4] if t}
-        timed = []
-        for tiling in sorted(tilings - {None}, key=str):
-            if time.perf_counter() > deadline:
-                emit(case=name, skipped="budget")
-                break
-            f = jax.jit(lambda x, ws, t=tiling: [skinny_matmul.skinny_matmul(x, w, tiling=t, out_dtype=jnp.float32)
-                                                 for w in ws])
-            try:
-                out = f(x, ws)[0]
-                sec = timeit(f, x, ws)
-            except Exception as e:  # a tiling Triton rejects (shared memory, registers) is skipped
-                emit(case=name, variant=str(tiling), error=str(e)[:200])
-                continue
-            err = float(jnp.max(jnp.abs(out - ref)))
-            timed.append((sec, tiling))
-            emit(case=f"skinny {name} {rows} rows", variant=str(tiling), us=sec / copies * 1e6,
-                 gb_per_s=nbytes / sec / 1e9, max_err=err)
-        if timed:
-            best[name] = min(timed, key=lambda t: t[0])[1]
-            emit(case=f"skinny {name} {rows} rows", best=str(best[name]))
-        del ws
-    return best
-
-
-def matmul_cases(tilings: dict[str, skinny_matmul.Tiling] | None = None) -> None:
-    """32 layers of the decoder's fused projections, as one jitted chain: XLA's dots against the skinny kernel
-    (with `tilings` per weight, else its defaults)."""
+def matmul_cases() -> None:
     key = jax.random.key(4)
     w = lambda i, shape: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.bfloat16) * 0.02
-    ws = [dict(qkv=w(4 * i, SKINNY_SHAPES["qkv"]), o=w(4 * i + 1, SKINNY_SHAPES["o"]),
-               gate_up=w(4 * i + 2, SKINNY_SHAPES["gate_up"]), down=w(4 * i + 3, SKINNY_SHAPES["down"]))
-          for i in range(LAYERS)]
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(ws))
+    sep = [dict(q=w(10 * i, (HIDDEN, HIDDEN)), k=w(10 * i + 1, (HIDDEN, HIDDEN)), v=w(10 * i + 2, (HIDDEN, HIDDEN)),
+                o=w(10 * i + 3, (HIDDEN, HIDDEN)), g=w(10 * i + 4, (HIDDEN, MLP)), u=w(10 * i + 5, (HIDDEN, MLP)),
+                d=w(10 * i + 6, (MLP, HIDDEN))) for i in range(LAYERS)]
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(sep))
 
-    def chain(x, ws, dot):
+    def separate(x, ws):
         for p in ws:
-            qkv = dot(x, p["qkv"], "qkv")
-            x = x + dot(qkv[:, :HIDDEN] + qkv[:, HIDDEN:2 * HIDDEN] + qkv[:, 2 * HIDDEN:], p["o"], "o")
-            gu = dot(x, p["gate_up"], "gate_up")
-            x = x + dot(jax.nn.silu(gu[:, :MLP]) * gu[:, MLP:], p["down"], "down")
+            a = (x @ p["q"]) + (x @ p["k"]) + (x @ p["v"])
+            x = x + a @ p["o"]
+            x = x + (jax.nn.silu(x @ p["g"]) * (x @ p["u"])) @ p["d"]
         return x
 
-    xla = lambda x, w, name: x @ w
-    variants = {"xla": None, "skinny, sweep's best": tilings,
-                "skinny, default": {n: skinny_matmul.default_tiling(*kn) for n, kn in SKINNY_SHAPES.items()},
-                "skinny, no splits": {n: skinny_matmul.Tiling(block_n=64, block_k=128) for n in SKINNY_SHAPES},
-                "skinny, CUDA cores": {n: dataclasses.replace(skinny_matmul.default_tiling(*kn), block_k=64, mma=False)
-                                       for n, kn in SKINNY_SHAPES.items()}}
-    for rows in (1, 4, 64):
+    fused_ws = [dict(qkv=jnp.concatenate([p["q"], p["k"], p["v"]], 1), o=p["o"],
+                     gu=jnp.concatenate([p["g"], p["u"]], 1), d=p["d"]) for p in sep]
+
+    def fused(x, ws):
+        for p in ws:
+            qkv = x @ p["qkv"]
+            x = x + (qkv[:, :HIDDEN] + qkv[:, HIDDEN:2 * HIDDEN] + qkv[:, 2 * HIDDEN:]) @ p["o"]
+            gu = x @ p["gu"]
+            x = x + (jax.nn.silu(gu[:, :MLP]) * gu[:, MLP:]) @ p["d"]
+        return x
+
+    for rows in (1, 64):
         x = jnp.ones((rows, HIDDEN), jnp.bfloat16)
-        for label, tiles in variants.items():
-            if label != "xla" and (rows > skinny_matmul.ROWS or not tiles or
-                                   (rows > 1 and not all(t.mma for t in tiles.values()))):
-                continue
-            dot = xla if tiles is None else (
-                lambda x, w, name, tiles=tiles: skinny_matmul.skinny_matmul(x, w, tiling=tiles[name]))
-            sec = timeit(jax.jit(lambda x, ws, dot=dot: chain(x, ws, dot)), x, ws)
+        for label, fn, ws in (("separate", separate, sep), ("fused", fused, fused_ws)):
+            sec = timeit(jax.jit(fn), x, ws)
             emit(case=f"layer matmuls, {rows} rows", variant=label, ms=sec * 1e3, gb_per_s=weight_bytes / sec / 1e9)
-    del ws
+        del x
+    del sep, fused_ws
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=420)
-    ap.add_argument("--only", default="attention,scatter,skinny,matmul")
+    ap.add_argument("--only", default="attention,scatter,matmul")
     ap.add_argument("--cases", default="", help="attention cases to run (default: all)")
     args = ap.parse_args()
     start = time.perf_counter()
@@ -217,9 +167,8 @@ def main() -> None:
     only = args.only.split(",")
     if "scatter" in only:
         scatter_cases()
-    best = skinny_cases(start + args.budget_s) if "skinny" in only else None
     if "matmul" in only:
-        matmul_cases(best)
+        matmul_cases()
     if "attention" in only:
         attention_cases(start + args.budget_s, [c for c in args.cases.split(",") if c])
 

@@ -13,6 +13,7 @@ import argparse
 import collections
 import glob
 import json
+import re
 import tempfile
 
 import jax
@@ -26,7 +27,7 @@ from jaxvlm.modeling import init_cache
 from jaxvlm.runner import ModelRunner
 
 
-def kernel_breakdown(call, calls: int = 5, top: int = 25, device_plane: str = "/device:GPU",
+def kernel_breakdown(call, calls: int = 5, top: int = 30, device_plane: str = "/device:GPU",
                      line_filter=lambda name: "stream" in name.lower()) -> dict:
     """Profiles `calls` blocking calls of `call()` (already compiled) and sums the device kernels by op."""
     call()
@@ -46,9 +47,11 @@ def kernel_breakdown(call, calls: int = 5, top: int = 25, device_plane: str = "/
                 continue
             for event in line.events:
                 stats = dict(event.stats)
-                op = stats.get("hlo_op") or stats.get("tf_op") or event.name
-                by_op[str(op)][0] += event.duration_ns
-                by_op[str(op)][1] += 1
+                # One row per kind of op (numbered instances pooled), with the kernel it ran.
+                op = re.sub(r"\.\d+$", "", str(stats.get("hlo_op") or "?"))
+                key = f"{op} | {event.name[:70]}"
+                by_op[key][0] += event.duration_ns
+                by_op[key][1] += 1
                 count += 1
                 busy += event.duration_ns
                 intervals.append((event.start_ns, event.start_ns + event.duration_ns))
@@ -68,7 +71,8 @@ def kernel_breakdown(call, calls: int = 5, top: int = 25, device_plane: str = "/
         "kernel_ms_per_call": busy / calls / 1e6,
         "span_ms_per_call": float(np.median(spans)) / 1e6,
         "lines": line_names,
-        "top_ops_us_per_call": {op: round(ns / calls / 1e3, 1) for op, (ns, _) in ranked},
+        "top_ops": [{"op": op, "us_per_call": round(ns / calls / 1e3, 1), "kernels_per_call": n / calls}
+                    for op, (ns, n) in ranked],
     }
 
 
@@ -86,7 +90,7 @@ def main() -> None:
             runner = call = None  # the previous case's cache is freed before this one's is made
             runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=jnp.bfloat16)
             if case.endswith("xla"):
-                runner._kernel_impl = "xla"
+                runner._attention_impl = "xla"
             # One running sequence of 700 tokens; the other slots idle, as in a lone request in a big engine.
             runner.state.positions = runner.state.positions.at[0].set(700)
             runner.state.active = runner.state.active.at[0].set(True)

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxvlm.kernels.attention import decode_attention, prefill_attention
-from jaxvlm.kernels.matmul import matmul
 from jaxvlm.model_config import LlavaConfig, TextConfig, VisionTowerConfig
 
 # Per layer (k, v), each [slots, kv_heads, max_len, head_dim]: heads-major, so attention reads each head's keys
@@ -65,8 +64,8 @@ class Dense(nnx.Module):
         self.kernel = param((d_in, d_out), dtype, axes)
         self.bias = param((d_out,), dtype, (axes[1],)) if bias else None
 
-    def __call__(self, x: jax.Array, impl: str | None = None) -> jax.Array:
-        y = matmul(x, self.kernel[...], impl=impl)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -89,9 +88,9 @@ class ClipLayer(nnx.Module):
         h = self.layer_norm1(x)
         split = lambda y: y.reshape(n, t, self.num_heads, d // self.num_heads)
         q, k, v = split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
-        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores / math.sqrt(d // self.num_heads), axis=-1).astype(v.dtype)
-        attn = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, t, d)
+        # cuDNN flash attention on GPU: XLA's softmax over [tiles, heads, 577, 577] f32 scores took a fifth of the
+        # tower's time on an H100 (docs/benchmarks.md).
+        attn = prefill_attention(q, k, v, causal=False).reshape(n, t, d)
         x = x + self.out_proj(attn)
         return x + self.fc2(_act(self.act, self.fc1(self.layer_norm2(x))))
 
@@ -195,8 +194,8 @@ class Attention(nnx.Module):
         self.qkv_bias = (param((kvh, self.group + 2, hd), dtype, ("kv_heads", None, "head_dim"))
                          if c.attention_bias else None)
 
-    def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, impl: str | None):
-        qkv = matmul(x, self.qkv_proj[...], impl=impl)
+    def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+        qkv = jnp.einsum("...d,dkgh->...kgh", x, self.qkv_proj[...])
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...]
         g = self.group
@@ -204,9 +203,8 @@ class Attention(nnx.Module):
         k, v = qkv[..., g, :], qkv[..., g + 1, :]
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def out(self, attn: jax.Array, impl: str | None) -> jax.Array:
-        w = self.o_proj[...]
-        return matmul(attn.reshape(*attn.shape[:-2], -1), w.reshape(-1, w.shape[-1]), impl=impl)
+    def out(self, attn: jax.Array) -> jax.Array:
+        return jnp.einsum("...hk,hkd->...d", attn, self.o_proj[...])
 
 
 class MLP(nnx.Module):
@@ -218,11 +216,11 @@ class MLP(nnx.Module):
         self.gate_up_bias = param((2, f), dtype, (None, "mlp")) if c.mlp_bias else None
         self.down_proj = Dense(f, d, dtype, ("mlp", "embed"), c.mlp_bias)
 
-    def __call__(self, x: jax.Array, impl: str | None) -> jax.Array:
-        h = matmul(x, self.gate_up_proj[...], impl=impl)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.einsum("...d,dtf->...tf", x, self.gate_up_proj[...])
         if self.gate_up_bias is not None:
             h = h + self.gate_up_bias[...]
-        return self.down_proj(jax.nn.silu(h[..., 0, :]) * h[..., 1, :], impl)
+        return self.down_proj(jax.nn.silu(h[..., 0, :]) * h[..., 1, :])
 
 
 class DecoderLayer(nnx.Module):
@@ -232,29 +230,28 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.mlp = MLP(c, dtype)
 
-    def prefill(self, x, positions, inv_freq, cache, slots, impl: str | None):
-        """x [B, L, D]; writes this chunk's k/v at cache rows `slots`, positions 0..L-1. `impl` "xla" keeps
-        every op on the portable path (see `Llava.decode`)."""
-        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, inv_freq, impl)
-        x = x + self.self_attn.out(prefill_attention(q, k, v), impl)
+    def prefill(self, x, positions, inv_freq, cache, slots):
+        """x [B, L, D]; writes this chunk's k/v at cache rows `slots`, positions 0..L-1."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, inv_freq)
+        x = x + self.self_attn.out(prefill_attention(q, k, v))
         k_cache, v_cache = cache
         for b in range(x.shape[0]):  # B is small and static: one in-place slice update per prompt
             start = (slots[b], 0, 0, 0)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k[b : b + 1].swapaxes(1, 2).astype(k_cache.dtype), start)
             v_cache = jax.lax.dynamic_update_slice(v_cache, v[b : b + 1].swapaxes(1, 2).astype(v_cache.dtype), start)
-        return x + self.mlp(self.post_attention_layernorm(x), impl), (k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
 
-    def decode(self, x, positions, lengths, inv_freq, cache, kv_len: int, impl: str | None):
+    def decode(self, x, positions, lengths, inv_freq, cache, kv_len: int, attention_impl: str | None):
         """x [S, D], one token per slot at `positions` [S]; slot s attends to its first `lengths[s]` cache
         entries (0: an idle slot), all within the first `kv_len`."""
-        q, k, v = self.self_attn.qkv(self.input_layernorm(x)[:, None], positions[:, None], inv_freq, impl)
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x)[:, None], positions[:, None], inv_freq)
         k_cache, v_cache = cache
         slot = jnp.arange(x.shape[0])
         k_cache = k_cache.at[slot, :, positions].set(k[:, 0].astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[slot, :, positions].set(v[:, 0].astype(v_cache.dtype), mode="drop")
-        attn = decode_attention(q[:, 0], k_cache, v_cache, lengths, kv_len, impl=impl)
-        x = x + self.self_attn.out(attn, impl)
-        return x + self.mlp(self.post_attention_layernorm(x), impl), (k_cache, v_cache)
+        attn = decode_attention(q[:, 0], k_cache, v_cache, lengths, kv_len, impl=attention_impl)
+        x = x + self.self_attn.out(attn)
+        return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
 
 
 class LlamaModel(nnx.Module):
@@ -268,11 +265,10 @@ class LlamaModel(nnx.Module):
     def embed(self, tokens: jax.Array) -> jax.Array:
         return self.embed_tokens[...][tokens]
 
-    def logits(self, h: jax.Array, impl: str | None = None) -> jax.Array:
+    def logits(self, h: jax.Array) -> jax.Array:
         h = self.norm(h)
-        if self.lm_head is None:  # tied: XLA reads the embedding transposed in place (a kernel would need a copy)
-            return jnp.dot(h, self.embed_tokens[...].T, preferred_element_type=jnp.float32)
-        return matmul(h, self.lm_head[...], out_dtype=jnp.float32, impl=impl)
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
     def _layers(self, x: jax.Array, cache: KVCache, step) -> tuple[jax.Array, KVCache]:
         """Runs `step(layer, x, layer_cache)` through the unrolled layers, collecting each layer's cache."""
@@ -282,17 +278,16 @@ class LlamaModel(nnx.Module):
             new_cache.append(layer_cache)
         return x, new_cache
 
-    def prefill(self, x: jax.Array, cache: KVCache, slots: jax.Array, impl: str | None = None
-                ) -> tuple[jax.Array, KVCache]:
+    def prefill(self, x: jax.Array, cache: KVCache, slots: jax.Array) -> tuple[jax.Array, KVCache]:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         inv_freq = rope_frequencies(self.config)
-        return self._layers(x, cache, lambda layer, h, c: layer.prefill(h, positions, inv_freq, c, slots, impl))
+        return self._layers(x, cache, lambda layer, h, c: layer.prefill(h, positions, inv_freq, c, slots))
 
     def decode(self, x: jax.Array, positions: jax.Array, lengths: jax.Array, cache: KVCache, kv_len: int,
-               impl: str | None = None) -> tuple[jax.Array, KVCache]:
+               attention_impl: str | None = None) -> tuple[jax.Array, KVCache]:
         inv_freq = rope_frequencies(self.config)
         return self._layers(x, cache, lambda layer, h, c: layer.decode(h, positions, lengths, inv_freq, c, kv_len,
-                                                                        impl))
+                                                                        attention_impl))
 
 
 # ------------------------------------------------------------------------------------------------------ LLaVA
@@ -332,25 +327,23 @@ class Llava(nnx.Module):
             x = jnp.where((feature_index == NEWLINE)[..., None], self.image_newline[...].astype(x.dtype), x)
         return x
 
-    def prefill_hidden(self, tokens, features, feature_index, cache: KVCache, slots, impl: str | None = None
-                       ) -> tuple[jax.Array, KVCache]:
+    def prefill_hidden(self, tokens, features, feature_index, cache: KVCache, slots) -> tuple[jax.Array, KVCache]:
         """Runs whole prompts (right-padded [B, L]) into cache rows `slots`; returns the final hidden states."""
-        return self.language_model.prefill(self.embed(tokens, features, feature_index), cache, slots, impl)
+        return self.language_model.prefill(self.embed(tokens, features, feature_index), cache, slots)
 
-    def prefill(self, tokens, features, feature_index, cache: KVCache, slots, last_index, impl: str | None = None):
+    def prefill(self, tokens, features, feature_index, cache: KVCache, slots, last_index):
         """`prefill_hidden`, then the logits at `last_index` [B] (each prompt's last real token) only."""
-        h, cache = self.prefill_hidden(tokens, features, feature_index, cache, slots, impl)
+        h, cache = self.prefill_hidden(tokens, features, feature_index, cache, slots)
         last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]
-        return self.language_model.logits(last, impl), cache
+        return self.language_model.logits(last), cache
 
-    def decode(self, tokens, positions, lengths, cache: KVCache, kv_len: int, impl: str | None = None):
+    def decode(self, tokens, positions, lengths, cache: KVCache, kv_len: int, attention_impl: str | None = None):
         """One token per slot: `tokens` [S] at `positions` [S]; `lengths` [S] is positions + 1 for a running slot
-        and 0 for an idle one, whose cache the GPU kernel then skips. `impl` None lets each kernel function
-        (attention, matmul) choose; "xla" keeps every op on the portable path, which sharded programs need
-        (XLA cannot split a Pallas call across devices)."""
+        and 0 for an idle one, whose cache the GPU kernel then skips. `attention_impl` None lets
+        `decode_attention` choose."""
         x = self.language_model.embed(tokens)
-        h, cache = self.language_model.decode(x, positions, lengths, cache, kv_len, impl)
-        return self.language_model.logits(h, impl), cache
+        h, cache = self.language_model.decode(x, positions, lengths, cache, kv_len, attention_impl)
+        return self.language_model.logits(h), cache
 
 
 def init_cache(cfg: TextConfig, num_slots: int, max_len: int, dtype) -> KVCache:

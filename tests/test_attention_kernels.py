@@ -90,11 +90,24 @@ def test_prefill_xla_is_causal_attention():
         np.testing.assert_allclose(out[:, t], np.asarray(step), atol=1e-5)
 
 
+def test_prefill_xla_full_attention_is_decode_over_everything():
+    """causal=False (the vision tower): every position attends to the whole sequence."""
+    b, l, h, d = 2, 7, 4, 16
+    keys = jax.random.split(jax.random.key(4), 3)
+    q, k, v = (jax.random.normal(kk, (b, l, h, d)) for kk in keys)
+    out = np.asarray(attention.prefill_attention(q, k, v, causal=False, impl="xla"))
+    for t in range(l):
+        step = attention.decode_attention(q[:, t], k.swapaxes(1, 2), v.swapaxes(1, 2), jnp.full((b,), l), impl="xla")
+        np.testing.assert_allclose(out[:, t], np.asarray(step), atol=1e-5)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention exists on GPU only")
-def test_prefill_cudnn_matches_xla():
-    b, l, h, kvh, d = 2, 128, 8, 2, 64
+@pytest.mark.parametrize("shape,causal", [((2, 128, 8, 2, 64), True), ((5, 577, 16, 16, 64), False)],
+                         ids=["prompt-causal", "clip-tiles-full"])
+def test_prefill_cudnn_matches_xla(shape, causal):
+    b, l, h, kvh, d = shape
     keys = jax.random.split(jax.random.key(3), 3)
     q, k, v = (jax.random.normal(kk, (b, l, n, d), jnp.bfloat16) for kk, n in zip(keys, (h, kvh, kvh)))
-    ref = attention.prefill_attention(q, k, v, impl="xla").astype(jnp.float32)
-    out = attention.prefill_attention(q, k, v, impl="cudnn").astype(jnp.float32)
+    ref = attention.prefill_attention(q, k, v, causal=causal, impl="xla").astype(jnp.float32)
+    out = attention.prefill_attention(q, k, v, causal=causal, impl="cudnn").astype(jnp.float32)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-2)

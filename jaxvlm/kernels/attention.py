@@ -1,7 +1,7 @@
 """Attention kernels: one function per use, each with a plain-XLA path that runs everywhere.
 
-`prefill_attention` is causal self-attention over a padded prompt chunk; `decode_attention` attends one new
-query per slot to that slot's filled cache prefix. On GPU they use cuDNN flash attention and the Pallas
+`prefill_attention` is self-attention over whole sequences (causal over a padded prompt chunk, full over an
+image's patches); `decode_attention` attends one new query per slot to that slot's filled cache prefix. On GPU they use cuDNN flash attention and the Pallas
 (Triton) ragged decode kernel; the XLA paths run everywhere and are the reference the kernels are tested
 against.
 """
@@ -20,21 +20,23 @@ def _platform() -> str:
     return jax.devices()[0].platform
 
 
-def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str | None = None) -> jax.Array:
-    """Causal attention. q [B, L, H, D]; k, v [B, L, KVH, D] (H a multiple of KVH) -> [B, L, H, D].
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                      impl: str | None = None) -> jax.Array:
+    """Attention over whole sequences. q [B, L, H, D]; k, v [B, L, KVH, D] (H a multiple of KVH) -> [B, L, H, D].
 
-    Prompts are right-padded, so causality alone keeps real tokens from seeing padding.
+    Causal for prompts, which are right-padded, so causality alone keeps real tokens from seeing padding; full
+    (causal=False) for the vision tower's patches.
     """
     impl = impl or ("cudnn" if _platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
                     and q.shape[-1] <= 128 else "xla")
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     b, l, h, d = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, l, kvh, h // kvh, d)
     scores = jnp.einsum("blkgd,bmkd->bkglm", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    causal = jnp.tril(jnp.ones((l, l), bool))
-    scores = jnp.where(causal, scores, -jnp.inf)
+    if causal:
+        scores = jnp.where(jnp.tril(jnp.ones((l, l), bool)), scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkglm,bmkd->blkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, l, h, d).astype(q.dtype)
