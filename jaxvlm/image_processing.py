@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -197,11 +198,18 @@ class ImageProcessor:
         else:
             tiles = [rgb]
         crops = [self._resize_and_crop(tile) for tile in tiles]
-        # Rescale + normalize: one table gather per channel, written straight into the CHW result.
+        # Rescale + normalize: one table gather per channel, written straight into the CHW result; the tiles of
+        # an anyres image in parallel (numpy's gather releases the GIL).
         pixel_values = np.empty((len(crops), 3, *crops[0].shape[:2]), np.float32)
-        for i, crop in enumerate(crops):
+
+        def normalize(i: int) -> None:
             for c in range(3):
-                np.take(self._value_table[c], crop[..., c], out=pixel_values[i, c])
+                np.take(self._value_table[c], crops[i][..., c], out=pixel_values[i, c])
+
+        if len(crops) == 1:
+            normalize(0)
+        else:
+            list(_pixel_pool().map(normalize, range(len(crops))))
         return ProcessedImage(pixel_values=pixel_values, image_size=(height, width), grid=grid)
 
     def _to_rgb(self, image: Image.Image) -> np.ndarray:
@@ -222,6 +230,10 @@ class ImageProcessor:
         # The original calls PIL's resize without a filter (bicubic); transformers passes its resample.
         resample = BICUBIC if self.convention == "original" else self.resample
 
+        # The two resizes are independent, and pillow releases the GIL while resizing: the base tile's runs on a
+        # worker meanwhile (about 4 of the 9 ms a 640x480 image took).
+        base_hw = self.resize_hw if self.resize_hw is not None else (self.shortest_edge, self.shortest_edge)
+        base = _pixel_pool().submit(_resize, rgb, base_hw, resample)
         fit_h, fit_w = _fit_inside((height, width), (canvas_h, canvas_w))
         canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
         top, left = (canvas_h - fit_h) // 2, (canvas_w - fit_w) // 2
@@ -231,9 +243,7 @@ class ImageProcessor:
         grid_tiles = [
             canvas[y : y + tile, x : x + tile] for y in range(0, canvas_h, tile) for x in range(0, canvas_w, tile)
         ]
-        base_hw = self.resize_hw if self.resize_hw is not None else (self.shortest_edge, self.shortest_edge)
-        base = _resize(rgb, base_hw, resample)  # type: ignore[arg-type]
-        return [base, *grid_tiles]
+        return [base.result(), *grid_tiles]
 
     def _resize_and_crop(self, tile: np.ndarray) -> np.ndarray:
         """Resize and centre crop one HWC uint8 tile."""
@@ -354,6 +364,13 @@ def _pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
 
 
 # --------------------------------------------------------------------- pixel helpers
+@functools.cache
+def _pixel_pool() -> ThreadPoolExecutor:
+    """Workers for the independent pieces of one image. Its tasks never wait on each other, so request
+    preparation threads can share it without deadlock."""
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="jaxvlm-pixels")
+
+
 def _resize(rgb: np.ndarray, size_hw: Sequence[int], resample: int) -> np.ndarray:
     height, width = (int(v) for v in size_hw)
     return np.asarray(Image.fromarray(rgb).resize((width, height), resample=resample))
