@@ -63,21 +63,14 @@ def main() -> None:
         pass
     print(json.dumps({"stage": "read + assemble", "s": time.perf_counter() - t}), flush=True)
     mesh = sharding.make_mesh(1, 1, info.config)
-
-    def host_transposes(path, axes, array):  # the loader before transposes moved to the device
-        target = jax.sharding.NamedSharding(mesh, sharding.spec_for(axes, array.shape, mesh))
-        return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
-
-    for label, place in (("host transposes", host_transposes), ("device transposes", sharding.placer(mesh))):
-        profile = cProfile.Profile()
-        t = time.perf_counter()
-        profile.enable()
-        model = params.load_model(info, jnp.bfloat16, place=place)
-        jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
-        profile.disable()
-        print(json.dumps({"stage": f"load onto the device, {label}", "s": time.perf_counter() - t}), flush=True)
-        pstats.Stats(profile).sort_stats("tottime").print_stats(12)
-        del model
+    profile = cProfile.Profile()
+    t = time.perf_counter()
+    profile.enable()
+    model = params.load_model(info, jnp.bfloat16, place=sharding.placer(mesh))
+    jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+    profile.disable()
+    print(json.dumps({"stage": "load onto the device", "s": time.perf_counter() - t}), flush=True)
+    pstats.Stats(profile).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":

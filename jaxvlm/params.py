@@ -315,8 +315,7 @@ def load_model(
     slots = {path: var for path, var in nnx.to_flat_state(state)}
     place = place or (lambda path, axes, a: jax.device_put(a))
     filled = {
-        path: slots[path].replace(value=place(path, slots[path].get_metadata().get("axes"),
-                                              value.astype(dtype, copy=False)))
+        path: slots[path].replace(value=place(path, slots[path].get_metadata().get("axes"), value.astype(dtype)))
         for path, value in mapped_tensors(info, {p: v.shape for p, v in slots.items()}, tensors)
     }
     return nnx.merge(graphdef, nnx.from_flat_state([(p, filled[p]) for p in slots]))

@@ -9,10 +9,7 @@ hold full weights and split the cache slots (different requests).
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -65,35 +62,13 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -
 
 
 def placer(mesh: Mesh):
-    """`place(path, axes, host_array)` for `params.load_model`: each device receives only its shard.
-
-    A parameter that arrives as a transposed view of the checkpoint's bytes (PyTorch stores [out, in]) is
-    shipped as it lies in memory and transposed on the device: a host copy of the transpose runs far below the
-    memory bandwidth, and dominated the load of a 7B model on an H100 host."""
+    """`place(path, axes, host_array)` for `params.load_model`: each device receives only its shard."""
 
     def place(path, axes, array: np.ndarray) -> jax.Array:
         sharding = NamedSharding(mesh, spec_for(axes, array.shape, mesh))
-        order = _memory_order(array)
-        if order is None or order == tuple(range(array.ndim)):
-            return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-        source = array.transpose(order)
-        spec = tuple(sharding.spec) + (None,) * (array.ndim - len(sharding.spec))
-        placed = jax.make_array_from_callback(
-            source.shape, NamedSharding(mesh, P(*(spec[i] for i in order))), lambda index: source[index])
-        return _transposer(tuple(int(i) for i in np.argsort(order)), sharding)(placed)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
     return place
-
-
-def _memory_order(a: np.ndarray) -> tuple[int, ...] | None:
-    """The axis order in which `a`'s elements lie contiguously in memory, or None if they do not."""
-    order = tuple(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
-    return order if a.transpose(order).flags.c_contiguous else None
-
-
-@functools.cache
-def _transposer(perm: tuple[int, ...], sharding: NamedSharding):
-    return jax.jit(lambda x: jnp.transpose(x, perm), out_shardings=sharding)
 
 
 def cache_spec(mesh: Mesh, num_kv_heads: int) -> P:
