@@ -521,3 +521,31 @@ def test_reference_processors(llava15_original, llava16_original):
     assert anyres.image_grid_pinpoints == original["image_grid_pinpoints"] == llava16_original.grid_pinpoints
     clip = json.loads((llava16_original.vision_tower_path / "preprocessor_config.json").read_text())
     assert clip["crop_size"] == clip["size"] == llava16_original.image_size  # old-style integer sizes
+
+
+def test_prefetched_loading_keeps_order_raises_in_place_and_stops_early():
+    """The loader's read-ahead thread (params._prefetched): items arrive in order; a failure in the files
+    surfaces where its item would have, after the items before it; a consumer that stops leaves no worker."""
+    import threading
+    import time
+
+    from jaxvlm.params import _prefetched
+
+    assert list(_prefetched(iter(range(50)), 2)) == list(range(50))
+
+    def failing():
+        yield from (1, 2)
+        raise ValueError("truncated shard")
+
+    got = []
+    with pytest.raises(ValueError, match="truncated shard"):
+        for item in _prefetched(failing(), 1):
+            got.append(item)
+    assert got == [1, 2]
+    items = _prefetched(iter(range(10_000)), 2)
+    next(items)
+    items.close()
+    deadline = time.monotonic() + 5
+    while any(t.name == "jaxvlm-load" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "jaxvlm-load" for t in threading.enumerate())
