@@ -52,6 +52,7 @@ def attention_cases(deadline: float, only_cases: list[str] | None) -> None:
         tilings.append(ragged_decode.Tiling(block_k=block_k, chunk=256, num_warps=warps))
     for chunk in (128, 512, 1024):
         tilings.append(ragged_decode.Tiling(block_k=64, chunk=chunk, num_warps=4))
+    tilings += [ragged_decode.Tiling(block_k=32, chunk=64, num_warps=2), ragged_decode.Tiling(block_k=64, chunk=64)]
     for name, (slots, t, lengths) in cases.items():
         if only_cases and name not in only_cases:
             continue
@@ -66,7 +67,7 @@ def attention_cases(deadline: float, only_cases: list[str] | None) -> None:
         filled = 2 * HEADS * HEAD_DIM * 2 * int(lengths.sum())  # bytes a ragged read needs per layer
         kv_len = min(t, _length_bucket(int(lengths.max()), 64))
         ref = None
-        for variant in ["xla", *tilings]:
+        for variant in ["xla", "cudnn", *tilings]:
             if time.perf_counter() > deadline:
                 emit(case=name, skipped="budget")
                 break
@@ -74,6 +75,9 @@ def attention_cases(deadline: float, only_cases: list[str] | None) -> None:
                 f = jax.jit(lambda q, c, l: sum(attention.decode_attention(q, k, v, l, kv_len, impl="xla").astype(jnp.float32)
                                                 for k, v in c))
                 label = f"xla(kv_len={kv_len})"
+            elif variant == "cudnn":  # cuDNN's flash attention, one query per slot, lengths as padding
+                f = jax.jit(lambda q, c, l: sum(_cudnn_decode(q, k, v, l).astype(jnp.float32) for k, v in c))
+                label = "cudnn (BNTH, kv lengths as padding)"
             else:
                 tiling = variant(slots, HEADS, t) if callable(variant) else variant
                 if t % tiling.chunk:
@@ -92,6 +96,13 @@ def attention_cases(deadline: float, only_cases: list[str] | None) -> None:
             err = float(jnp.max(jnp.abs(out - ref)))
             emit(case=name, variant=label, ms_per_layer=sec * 1e3, filled_gb_per_s=filled / sec / 1e9, max_err=err)
         del caches
+
+
+def _cudnn_decode(q, k, v, lengths):
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention  # private: a probe only
+    out = dot_product_attention(q[:, :, None], k, v, q_seqlen=jnp.ones_like(lengths), kv_seqlen=lengths,
+                                scale=HEAD_DIM**-0.5, mask_type=MaskType.PADDING, qkv_layout="BNTH")
+    return out[:, :, 0]
 
 
 def scatter_cases() -> None:
