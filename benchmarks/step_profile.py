@@ -90,7 +90,7 @@ def main() -> None:
             runner = call = None  # the previous case's cache is freed before this one's is made
             runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=jnp.bfloat16)
             if case.endswith("xla"):
-                runner._kernel_impl = "xla"
+                runner._attention_impl = "xla"
             # One running sequence of 700 tokens; the other slots idle, as in a lone request in a big engine.
             runner.state.positions = runner.state.positions.at[0].set(700)
             runner.state.active = runner.state.active.at[0].set(True)

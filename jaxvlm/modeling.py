@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxvlm.kernels.attention import decode_attention, prefill_attention
-from jaxvlm.kernels.rms_norm import add_rms_norm, rms_norm
 from jaxvlm.model_config import LlavaConfig, TextConfig, VisionTowerConfig
 
 # Per layer (k, v), each [slots, kv_heads, max_len, head_dim]: heads-major, so attention reads each head's keys
@@ -148,11 +147,9 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.scale[...], self.eps)
-
-    def add(self, x: jax.Array, delta: jax.Array, impl: str | None) -> tuple[jax.Array, jax.Array]:
-        """(x + delta, the norm of that): the residual add and the norm in one kernel on GPU."""
-        return add_rms_norm(x, delta, self.scale[...], self.eps, impl=impl)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * y.astype(x.dtype)  # LLaMA rounds to the input dtype before the weight
 
 
 def rope_frequencies(c: TextConfig) -> jax.Array:
@@ -233,34 +230,28 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.mlp = MLP(c, dtype)
 
-    # Both steps take the residual stream as a pair (x, delta) whose sum enters the layer, and return the pair
-    # whose sum leaves it (delta: the MLP's output): each residual add then runs in one kernel with the norm
-    # that follows it (`RMSNorm.add`). `impl` "xla" keeps every op on the portable path (see `Llava.decode`).
-
-    def prefill(self, stream, positions, inv_freq, cache, slots, impl: str | None):
-        """stream: x, delta [B, L, D]; writes this chunk's k/v at cache rows `slots`, positions 0..L-1."""
-        x, h = self.input_layernorm.add(*stream, impl)
-        q, k, v = self.self_attn.qkv(h, positions, inv_freq)
-        x, h = self.post_attention_layernorm.add(x, self.self_attn.out(prefill_attention(q, k, v)), impl)
+    def prefill(self, x, positions, inv_freq, cache, slots):
+        """x [B, L, D]; writes this chunk's k/v at cache rows `slots`, positions 0..L-1."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, inv_freq)
+        x = x + self.self_attn.out(prefill_attention(q, k, v))
         k_cache, v_cache = cache
         for b in range(x.shape[0]):  # B is small and static: one in-place slice update per prompt
             start = (slots[b], 0, 0, 0)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k[b : b + 1].swapaxes(1, 2).astype(k_cache.dtype), start)
             v_cache = jax.lax.dynamic_update_slice(v_cache, v[b : b + 1].swapaxes(1, 2).astype(v_cache.dtype), start)
-        return (x, self.mlp(h)), (k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
 
-    def decode(self, stream, positions, lengths, inv_freq, cache, kv_len: int, impl: str | None):
-        """stream: x, delta [S, D], one token per slot at `positions` [S]; slot s attends to its first
-        `lengths[s]` cache entries (0: an idle slot), all within the first `kv_len`."""
-        x, h = self.input_layernorm.add(*stream, impl)
-        q, k, v = self.self_attn.qkv(h[:, None], positions[:, None], inv_freq)
+    def decode(self, x, positions, lengths, inv_freq, cache, kv_len: int, attention_impl: str | None):
+        """x [S, D], one token per slot at `positions` [S]; slot s attends to its first `lengths[s]` cache
+        entries (0: an idle slot), all within the first `kv_len`."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x)[:, None], positions[:, None], inv_freq)
         k_cache, v_cache = cache
         slot = jnp.arange(x.shape[0])
         k_cache = k_cache.at[slot, :, positions].set(k[:, 0].astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[slot, :, positions].set(v[:, 0].astype(v_cache.dtype), mode="drop")
-        attn = decode_attention(q[:, 0], k_cache, v_cache, lengths, kv_len, impl=impl)
-        x, h = self.post_attention_layernorm.add(x, self.self_attn.out(attn), impl)
-        return (x, self.mlp(h)), (k_cache, v_cache)
+        attn = decode_attention(q[:, 0], k_cache, v_cache, lengths, kv_len, impl=attention_impl)
+        x = x + self.self_attn.out(attn)
+        return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
 
 
 class LlamaModel(nnx.Module):
@@ -280,25 +271,23 @@ class LlamaModel(nnx.Module):
         return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
     def _layers(self, x: jax.Array, cache: KVCache, step) -> tuple[jax.Array, KVCache]:
-        """Runs `step(layer, stream, layer_cache)` through the unrolled layers, collecting each layer's cache;
-        returns the final residual stream."""
-        stream, new_cache = (x, jnp.zeros_like(x)), []
+        """Runs `step(layer, x, layer_cache)` through the unrolled layers, collecting each layer's cache."""
+        new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
-            stream, layer_cache = step(layer, stream, layer_cache)
+            x, layer_cache = step(layer, x, layer_cache)
             new_cache.append(layer_cache)
-        return stream[0] + stream[1], new_cache
+        return x, new_cache
 
-    def prefill(self, x: jax.Array, cache: KVCache, slots: jax.Array, impl: str | None = None
-                ) -> tuple[jax.Array, KVCache]:
+    def prefill(self, x: jax.Array, cache: KVCache, slots: jax.Array) -> tuple[jax.Array, KVCache]:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         inv_freq = rope_frequencies(self.config)
-        return self._layers(x, cache, lambda layer, h, c: layer.prefill(h, positions, inv_freq, c, slots, impl))
+        return self._layers(x, cache, lambda layer, h, c: layer.prefill(h, positions, inv_freq, c, slots))
 
     def decode(self, x: jax.Array, positions: jax.Array, lengths: jax.Array, cache: KVCache, kv_len: int,
-               impl: str | None = None) -> tuple[jax.Array, KVCache]:
+               attention_impl: str | None = None) -> tuple[jax.Array, KVCache]:
         inv_freq = rope_frequencies(self.config)
         return self._layers(x, cache, lambda layer, h, c: layer.decode(h, positions, lengths, inv_freq, c, kv_len,
-                                                                        impl))
+                                                                        attention_impl))
 
 
 # ------------------------------------------------------------------------------------------------------ LLaVA
@@ -338,24 +327,22 @@ class Llava(nnx.Module):
             x = jnp.where((feature_index == NEWLINE)[..., None], self.image_newline[...].astype(x.dtype), x)
         return x
 
-    def prefill_hidden(self, tokens, features, feature_index, cache: KVCache, slots, impl: str | None = None
-                       ) -> tuple[jax.Array, KVCache]:
+    def prefill_hidden(self, tokens, features, feature_index, cache: KVCache, slots) -> tuple[jax.Array, KVCache]:
         """Runs whole prompts (right-padded [B, L]) into cache rows `slots`; returns the final hidden states."""
-        return self.language_model.prefill(self.embed(tokens, features, feature_index), cache, slots, impl)
+        return self.language_model.prefill(self.embed(tokens, features, feature_index), cache, slots)
 
-    def prefill(self, tokens, features, feature_index, cache: KVCache, slots, last_index, impl: str | None = None):
+    def prefill(self, tokens, features, feature_index, cache: KVCache, slots, last_index):
         """`prefill_hidden`, then the logits at `last_index` [B] (each prompt's last real token) only."""
-        h, cache = self.prefill_hidden(tokens, features, feature_index, cache, slots, impl)
+        h, cache = self.prefill_hidden(tokens, features, feature_index, cache, slots)
         last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]
         return self.language_model.logits(last), cache
 
-    def decode(self, tokens, positions, lengths, cache: KVCache, kv_len: int, impl: str | None = None):
+    def decode(self, tokens, positions, lengths, cache: KVCache, kv_len: int, attention_impl: str | None = None):
         """One token per slot: `tokens` [S] at `positions` [S]; `lengths` [S] is positions + 1 for a running slot
-        and 0 for an idle one, whose cache the GPU kernel then skips. `impl` None lets each kernel function
-        (`kernels/`) choose; "xla" keeps every op on the portable path, which sharded programs need (XLA cannot
-        split a Pallas call across devices)."""
+        and 0 for an idle one, whose cache the GPU kernel then skips. `attention_impl` None lets
+        `decode_attention` choose."""
         x = self.language_model.embed(tokens)
-        h, cache = self.language_model.decode(x, positions, lengths, cache, kv_len, impl)
+        h, cache = self.language_model.decode(x, positions, lengths, cache, kv_len, attention_impl)
         return self.language_model.logits(h), cache
 
 

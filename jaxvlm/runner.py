@@ -111,10 +111,10 @@ class ModelRunner:
         self.state = DecodeState(zeros(), zeros(), zeros(), zeros(), jnp.zeros((num_slots,), bool),
                                  sampling.init_state(num_slots, vocab))
         self._constrain = lambda cache, state, out: (cache, state, out)
-        # The Pallas kernels are custom calls XLA cannot split across devices: under tp/dp the attention kernel
-        # would gather the sharded cache onto each device. Sharded programs keep the XLA path (splitting the
-        # kernels with shard_map needs a multi-GPU machine to measure).
-        self._kernel_impl = "xla" if mesh is not None and mesh.size > 1 else None
+        # The Pallas decode kernel is a custom call XLA cannot split across devices: under tp/dp it would gather
+        # the sharded cache onto each device. Sharded programs keep the XLA path (splitting the kernel with
+        # shard_map needs a multi-GPU machine to measure).
+        self._attention_impl = "xla" if mesh is not None and mesh.size > 1 else None
         if mesh is not None:
             shardings = sharding.state_shardings(mesh, self.config.text.num_kv_heads, self.cache, self.state)
             self.cache, self.state = jax.device_put((self.cache, self.state), shardings)
@@ -145,8 +145,7 @@ class ModelRunner:
 
     def _prefill_fn(self, leaves, cache, state: DecodeState, batch: PrefillBatch, features, *, num_logprobs: int):
         model = self._model(leaves)
-        logits, cache = model.prefill(batch.tokens, features, batch.feature_index, cache, batch.slots,
-                                      batch.lengths - 1, self._kernel_impl)
+        logits, cache = model.prefill(batch.tokens, features, batch.feature_index, cache, batch.slots, batch.lengths - 1)
         sstate = state.sampling
         for b in range(batch.tokens.shape[0]):
             row = jax.tree.map(lambda a: a[b], batch.params)
@@ -169,7 +168,7 @@ class ModelRunner:
     def _decode_fn(self, leaves, cache, state: DecodeState, *, kv_len: int, greedy_only: bool, num_logprobs: int):
         model = self._model(leaves)
         lengths = jnp.where(state.active, state.positions + 1, 0)
-        logits, cache = model.decode(state.tokens, state.positions, lengths, cache, kv_len, self._kernel_impl)
+        logits, cache = model.decode(state.tokens, state.positions, lengths, cache, kv_len, self._attention_impl)
         ban_stop = state.steps < state.min_new
         out, sstate = sampling.sample(logits, state.sampling, state.steps, ban_stop, greedy_only=greedy_only,
                                       num_logprobs=num_logprobs)
