@@ -95,10 +95,12 @@ def test_prefill_xla_full_attention_is_decode_over_everything():
     b, l, h, d = 2, 7, 4, 16
     keys = jax.random.split(jax.random.key(4), 3)
     q, k, v = (jax.random.normal(kk, (b, l, h, d)) for kk in keys)
-    out = np.asarray(attention.prefill_attention(q, k, v, causal=False, impl="xla"))
-    for t in range(l):
-        step = attention.decode_attention(q[:, t], k.swapaxes(1, 2), v.swapaxes(1, 2), jnp.full((b,), l), impl="xla")
-        np.testing.assert_allclose(out[:, t], np.asarray(step), atol=1e-5)
+    with jax.default_matmul_precision("highest"):  # GPUs default to TF32 matmuls for float32
+        out = np.asarray(attention.prefill_attention(q, k, v, causal=False, impl="xla"))
+        for t in range(l):
+            step = attention.decode_attention(q[:, t], k.swapaxes(1, 2), v.swapaxes(1, 2), jnp.full((b,), l),
+                                              impl="xla")
+            np.testing.assert_allclose(out[:, t], np.asarray(step), atol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention exists on GPU only")
