@@ -112,7 +112,6 @@ def engine_ttft(model: Llava) -> None:
         ms = float(np.median([first() for _ in range(7)])) * 1e3
         print(json.dumps({"phase": "engine ttft", "tiles": tiles, "prompt": prompt, "ms": ms,
                           "compiled": sorted(map(str, runner.compiled))}))
-        del runner, engine
 
 
 def main() -> None:

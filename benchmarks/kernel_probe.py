@@ -1,4 +1,4 @@
-"""Op-level GPU probe: decode attention (XLA against the ragged Pallas kernel's tilings), the KV-cache write,
+"""Op-level GPU probe: decode attention (XLA, cuDNN and the ragged Pallas kernel's tilings), the KV-cache write,
 and fused against separate projection matmuls, each at 7B shapes over enough layers in one jit that the
 data read stays far past the L2 cache. Prints JSON lines; use it to choose defaults before the full
 benchmark (`run.py`).

@@ -55,9 +55,9 @@ def _pow2_at_least(n: int, floor: int = 1) -> int:
 
 
 def _length_bucket(n: int, floor: int) -> int:
-    """Powers of two up to 512, then multiples of 256: padding stays under 1/3 for long sequences (prefill
-    is compute-bound and decode bandwidth-bound, so padded columns cost in proportion) while the number of
-    distinct programs stays small."""
+    """Decode's cache-read buckets: powers of two up to 512, then multiples of 256. Padding stays under 1/3 for
+    long sequences while few programs exist, since each new one compiles mid-generation (prefill, which is
+    compute-bound, uses finer ones: `Buckets.prefill_length`)."""
     return _pow2_at_least(n, floor) if n <= 512 else -(-n // 256) * 256
 
 
