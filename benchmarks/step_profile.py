@@ -4,7 +4,7 @@ Runs on random 7B-shaped weights made on the device (as `decode_probe.py`). For 
 line: kernels per call, the summed kernel time and the span from the first kernel's start to the last one's
 end (the difference is idle gaps between kernels), and the ops that take the most time.
 
-    python benchmarks/step_profile.py [--cases decode1,decode1xla,decode64,prefill2560,vision5]
+    python benchmarks/step_profile.py [--cases decode1,decode64,decode64xla,prefill2560,vision5]
 """
 
 from __future__ import annotations
@@ -78,14 +78,14 @@ def kernel_breakdown(call, calls: int = 5, top: int = 30, device_plane: str = "/
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default="decode1,decode1xla,decode64,prefill2560,vision5")
+    ap.add_argument("--cases", default="decode1,decode64,decode64xla,prefill2560,vision5")
     args = ap.parse_args()
     cases = args.cases.split(",")
     model = random_model(llava_config_from_hf(LLAVA_15_7B))
     tc = model.config.text
     rng = np.random.default_rng(0)
     for case in cases:
-        if case.startswith("decode"):  # "decode<slots>", "decode<slots>xla": every op on the XLA path
+        if case.startswith("decode"):  # "decode<slots>"; "decode<slots>xla": XLA's decode attention
             slots = int(case.removeprefix("decode").removesuffix("xla"))
             runner = call = None  # the previous case's cache is freed before this one's is made
             runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=jnp.bfloat16)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import ast
 import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 

@@ -14,8 +14,8 @@ import queue
 import re
 import threading
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp

@@ -73,7 +73,7 @@ class Buckets:
     def prefill_length(self, n: int) -> int:
         """Prefill is compute-bound, so its padding costs in full: past 512 tokens its buckets are eight per
         octave (576, 640, ..., 1024, 1152, ...), padding under 1/8. A 655-token llava-1.5 prompt pads to 704,
-        not 768 (1.4 ms of a 7B prefill on an H100). Decode keeps the coarser rule: it is bandwidth-bound,
+        not 768 (about 1.4 ms of a 7B prefill on an H100). Decode keeps the coarser rule: it is bandwidth-bound,
         and each new bucket there is a program compiled mid-generation."""
         if self.prefill_lengths:
             return next((b for b in self.prefill_lengths if b >= n), self.max_len)

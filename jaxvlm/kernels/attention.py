@@ -1,9 +1,9 @@
 """Attention kernels: one function per use, each with a plain-XLA path that runs everywhere.
 
 `prefill_attention` is self-attention over whole sequences (causal over a padded prompt chunk, full over an
-image's patches); `decode_attention` attends one new query per slot to that slot's filled cache prefix. On GPU they use cuDNN flash attention and the Pallas
-(Triton) ragged decode kernel; the XLA paths run everywhere and are the reference the kernels are tested
-against.
+image's patches); `decode_attention` attends one new query per slot to that slot's filled cache prefix. On GPU
+they use cuDNN flash attention and the Pallas (Triton) ragged decode kernel; the XLA paths run everywhere and
+are the reference the kernels are tested against.
 """
 
 from __future__ import annotations
