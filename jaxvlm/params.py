@@ -77,10 +77,6 @@ def _dense(w):
     return w.T
 
 
-def _heads_in(n: int):  # [n*hd, d] -> [d, n, hd]
-    return lambda w: w.reshape(n, -1, w.shape[-1]).transpose(2, 0, 1)
-
-
 def _identity(w):
     return w
 
