@@ -21,33 +21,12 @@ from flax import nnx
 import run  # the sibling benchmark script: its checkpoint shapes and writer
 
 
-def write(directory: Path) -> None:
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    vision, text = run.CLIP_VIT_L_336, run.VICUNA_7B
-    cfg = run.llava_config("1.5", vision, text)
-    if (directory / "bench_complete.json").exists():
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    config = LlavaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlavaForConditionalGeneration(config)
-    model.config.dtype = torch.bfloat16
-    model.save_pretrained(directory)
-    run.write_tokenizer_and_processor(directory, "1.5", run.build_tokenizer(), vision)
-    (directory / "bench_complete.json").write_text(json.dumps(cfg))
-    del model
-    torch.cuda.empty_cache()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/jb/llava-1.5-7b")
     directory = Path(ap.parse_args().dir)
     t = time.perf_counter()
-    write(directory)
+    run.write_checkpoint(directory, "1.5", run.CLIP_VIT_L_336, run.VICUNA_7B, run.build_tokenizer(), "cuda")
     print(json.dumps({"stage": "write", "s": time.perf_counter() - t}), flush=True)
     from jaxvlm import params, sharding
     from jaxvlm.modeling import Llava

@@ -326,48 +326,55 @@ def write_tokenizer_and_processor(directory: Path, version: str, tok, vision: di
                 {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": PAD_TOKEN_ID})
 
 
-def phase_checkpoints(spec: dict, rec: Recorder) -> None:
-    """Writes the missing checkpoints (model built on the device in bf16, then save_pretrained). Weights are
-    reused when the config is unchanged; tokenizer, processor files and request texts are rewritten each run
+def write_checkpoint(directory: Path, version: str, vision: dict, text: dict, tok, device: str) -> bool:
+    """Writes one random bf16 checkpoint (model built on the device, then save_pretrained) unless one with the same
+    config is there; returns whether it wrote. Tokenizer and processor files are rewritten either way
     (milliseconds), so they always match this script."""
     import torch
     from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
                               LlavaNextForConditionalGeneration)
 
+    cfg = llava_config(version, vision, text)
+    marker = directory / "bench_complete.json"
+    if marker.exists() and json.loads(marker.read_text()) == cfg:
+        write_tokenizer_and_processor(directory, version, tok, vision)
+        return False
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    cls, config_cls = ((LlavaForConditionalGeneration, LlavaConfig) if version == "1.5"
+                       else (LlavaNextForConditionalGeneration, LlavaNextConfig))
+    config = config_cls(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
+    config.architectures = cfg["architectures"]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = cls(config)  # random init, directly on the device in bf16: seconds even for 7B
+    finally:
+        torch.set_default_dtype(default)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(directory)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    write_tokenizer_and_processor(directory, version, tok, vision)
+    _write_json(marker, cfg)
+    return True
+
+
+def phase_checkpoints(spec: dict, rec: Recorder) -> None:
+    """Writes the missing checkpoints (`write_checkpoint`), then the request texts."""
     s = Settings(**spec["settings"])
     vision, text = s.shapes
     tok = build_tokenizer()
     for version in ("1.5", "1.6"):
-        directory = Path(s.model_path(version))
-        cfg = llava_config(version, vision, text)
-        marker = directory / "bench_complete.json"
-        if marker.exists() and json.loads(marker.read_text()) == cfg:
-            write_tokenizer_and_processor(directory, version, tok, vision)
-            rec.put(f"reused_{version}", str(directory))
-            continue
         t0 = time.perf_counter()
-        if directory.exists():
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
-        cls, config_cls = ((LlavaForConditionalGeneration, LlavaConfig) if version == "1.5"
-                           else (LlavaNextForConditionalGeneration, LlavaNextConfig))
-        config = config_cls(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
-        config.architectures = cfg["architectures"]
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device(s.device):
-                model = cls(config)  # random init, directly on the device in bf16: seconds even for 7B
-        finally:
-            torch.set_default_dtype(default)
-        model.config.dtype = torch.bfloat16
-        model.save_pretrained(directory)
-        del model
-        if s.device == "cuda":
-            torch.cuda.empty_cache()
-        write_tokenizer_and_processor(directory, version, tok, vision)
-        _write_json(marker, cfg)
-        rec.put(f"written_{version}_s", time.perf_counter() - t0)
+        directory = Path(s.model_path(version))
+        if write_checkpoint(directory, version, vision, text, tok, s.device):
+            rec.put(f"written_{version}_s", time.perf_counter() - t0)
+        else:
+            rec.put(f"reused_{version}", str(directory))
     texts = make_texts(tok, max(s.counts), s.text_tokens)
     _write_json(Path(s.requests_file), {"text_tokens": s.text_tokens, "texts": texts})
 
