@@ -57,26 +57,34 @@ def bandwidth_gbs() -> float:
     return 2 * x.nbytes * 10 / (time.perf_counter() - t) / 1e9
 
 
+def bare_steps(model: Llava):
+    """The vision tower and the decoder prefill as bare jitted calls, without the engine or sampling:
+    `encode(pixels)` and `prefill(cache, tokens) -> (last logits, cache)`, the cache donated, prompts in rows
+    0..B-1 filling their whole padded length."""
+    graphdef, params = nnx.split(model)
+    encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_images(x))
+    prefill = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).prefill(
+        t, None, None, c, jnp.arange(t.shape[0]), jnp.full((t.shape[0],), t.shape[1] - 1)), donate_argnums=1)
+    return (lambda pixels: encode(params, pixels)), (lambda cache, tokens: prefill(params, cache, tokens))
+
+
 def phases(model: Llava) -> None:
     """Device time of the time-to-first-token stages: the vision tower per tile count, and the decoder prefill
     per (rows, padded length), each as a bare jitted call."""
-    graphdef, params = nnx.split(model)
-    encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_images(x))
+    encode, prefill = bare_steps(model)
     for tiles in (1, 5, 8):
         pixels = jnp.asarray(np.random.default_rng(0).standard_normal((tiles, 3, 336, 336)), jnp.float32)
-        ms = timeit(lambda: encode(params, pixels), iters=5) * 1e3
+        ms = timeit(lambda: encode(pixels), iters=5) * 1e3
         print(json.dumps({"phase": "vision", "tiles": tiles, "ms": ms}))
     tc = model.config.text
     for rows, length in ((1, 640), (1, 768), (1, 2432), (1, 2560), (8, 768)):
         cache = init_cache(tc, rows, length, jnp.bfloat16)
         tokens = jnp.asarray(np.random.default_rng(1).integers(3, 32000, (rows, length)), jnp.int32)
-        step = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).prefill(
-            t, None, None, c, jnp.arange(t.shape[0]), jnp.full((t.shape[0],), t.shape[1] - 1)), donate_argnums=1)
-        _, cache = step(params, cache, tokens)
+        _, cache = prefill(cache, tokens)
 
         def run():
             nonlocal cache
-            logits, cache = step(params, cache, tokens)
+            logits, cache = prefill(cache, tokens)
             return logits
 
         sec = timeit(run, iters=5)

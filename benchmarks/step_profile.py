@@ -19,9 +19,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from decode_probe import LLAVA_15_7B, random_model  # sibling scripts: benchmarks/ is on sys.path
+from decode_probe import LLAVA_15_7B, bare_steps, random_model  # sibling scripts: benchmarks/ is on sys.path
 from jaxvlm.model_config import llava_config_from_hf
 from jaxvlm.modeling import init_cache
 from jaxvlm.runner import ModelRunner
@@ -82,6 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     cases = args.cases.split(",")
     model = random_model(llava_config_from_hf(LLAVA_15_7B))
+    encode, prefill = bare_steps(model)
     tc = model.config.text
     rng = np.random.default_rng(0)
     for case in cases:
@@ -97,21 +97,16 @@ def main() -> None:
             call = lambda: runner.decode(701, greedy_only=True, num_logprobs=0).tokens
         elif case.startswith("prefill"):
             length = int(case.removeprefix("prefill"))
-            graphdef, params = nnx.split(model)
             cache = init_cache(tc, 1, length, jnp.bfloat16)
             tokens = jnp.asarray(rng.integers(3, 32000, (1, length)), jnp.int32)
-            step = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).prefill(
-                t, None, None, c, jnp.zeros((1,), jnp.int32), jnp.full((1,), length - 1)), donate_argnums=1)
 
             def call():
-                logits, cache[:] = step(params, cache, tokens)
+                logits, cache[:] = prefill(cache, tokens)
                 return logits
         elif case.startswith("vision"):
             tiles = int(case.removeprefix("vision"))
-            graphdef, params = nnx.split(model)
-            encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_images(x))
             pixels = jnp.asarray(rng.standard_normal((tiles, 3, 336, 336)), jnp.float32)
-            call = lambda: encode(params, pixels)
+            call = lambda: encode(pixels)
         else:
             raise SystemExit(f"unknown case {case}")
         print(json.dumps({"case": case, **kernel_breakdown(call)}), flush=True)
