@@ -51,7 +51,7 @@ def per_call_ms(call, reset, calls: int, repeats: int = 5) -> float:
 
 def decode_case(model, slots: int, options: dict) -> tuple[float, float]:
     runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=jnp.bfloat16)
-    runner._decode = jax.jit(runner._decode_fn, static_argnames=("kv_len", "greedy_only", "num_logprobs"),
+    runner._decode = jax.jit(runner._decode_fn, static_argnames=("rows", "kv_len", "greedy_only", "num_logprobs"),
                              donate_argnames=("cache", "state"), compiler_options=options)
     active = np.arange(runner.buckets.num_slots) < slots
 
@@ -61,9 +61,9 @@ def decode_case(model, slots: int, options: dict) -> tuple[float, float]:
 
     reset()
     t = time.perf_counter()
-    jax.block_until_ready(runner.decode(701, greedy_only=True, num_logprobs=0).tokens)
+    jax.block_until_ready(runner.decode(701, slots, greedy_only=True, num_logprobs=0).tokens)
     compile_s = time.perf_counter() - t
-    ms = per_call_ms(lambda: runner.decode(701, greedy_only=True, num_logprobs=0).tokens, reset, calls=60)
+    ms = per_call_ms(lambda: runner.decode(701, slots, greedy_only=True, num_logprobs=0).tokens, reset, calls=60)
     return compile_s, ms
 
 

@@ -91,10 +91,10 @@ def main() -> None:
             runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=jnp.bfloat16)
             if case.endswith("xla"):
                 runner._attention_impl = "xla"
-            # One running sequence of 700 tokens; the other slots idle, as in a lone request in a big engine.
+            # One running sequence of 700 tokens; the step still computes all `slots` rows (the other slots idle).
             runner.state.positions = runner.state.positions.at[0].set(700)
             runner.state.active = runner.state.active.at[0].set(True)
-            call = lambda: runner.decode(701, greedy_only=True, num_logprobs=0).tokens
+            call = lambda: runner.decode(701, slots, greedy_only=True, num_logprobs=0).tokens
         elif case.startswith("prefill"):
             length = int(case.removeprefix("prefill"))
             cache = init_cache(tc, 1, length, jnp.bfloat16)

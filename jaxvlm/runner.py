@@ -69,6 +69,7 @@ class Buckets:
     max_prefill_tokens: int
     num_slots: int
     prefill_lengths: tuple[int, ...] = ()  # explicit buckets (EngineConfig.prefill_buckets), else the rule
+    dp: int = 1  # data-parallel replicas splitting the slots
 
     def prefill_length(self, n: int) -> int:
         """Prefill is compute-bound, so its padding costs in full: past 512 tokens its buckets are eight per
@@ -87,6 +88,18 @@ class Buckets:
         cap = max(1, self.max_prefill_tokens // length)
         return min(_pow2_at_least(n), 1 << (cap.bit_length() - 1))
 
+    def decode_rows(self, used: int) -> int:
+        """Rows a decode step computes: the first `used` slots (the highest running slot + 1), padded to a power
+        of four (1, 4, 16, 64, ...) up to all slots. A lone request in a many-slot engine then decodes one row,
+        not every slot's; the scheduler hands out the lowest free slot, so running sequences stay packed low.
+        dp replicas split the slots, so there every step covers them all."""
+        if self.dp > 1:
+            return self.num_slots
+        rows = 1
+        while rows < used:
+            rows *= 4
+        return min(rows, self.num_slots)
+
     def kv_length(self, longest: int) -> int:
         """Cache columns a decode step reads (the longest running sequence, bucketed)."""
         return min(self.max_len, _length_bucket(longest, 64))
@@ -104,7 +117,8 @@ class ModelRunner:
         # Flattened once: the jitted steps take the leaf list, because flattening the nnx State on every call
         # costs ~0.7 ms of host time per step for a 7B tree (a plain list: ~0.1 ms).
         self._leaves, self._treedef = jax.tree.flatten(self.params)
-        self.buckets = Buckets(max_len, max_prefill_tokens, num_slots, tuple(prefill_lengths))
+        dp = mesh.shape[sharding.DP] if mesh is not None else 1
+        self.buckets = Buckets(max_len, max_prefill_tokens, num_slots, tuple(prefill_lengths), dp)
         vocab = self.config.text.vocab_size
         self.cache: KVCache = init_cache(self.config.text, num_slots, max_len, cache_dtype)
         zeros = lambda: jnp.zeros((num_slots,), jnp.int32)  # distinct buffers: each is donated
@@ -131,9 +145,8 @@ class ModelRunner:
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_logprobs",), donate_argnames=("cache", "state"))
         self._release = jax.jit(
             lambda state, idle: dataclasses.replace(state, active=state.active & ~idle), donate_argnums=0)
-        self._decode = jax.jit(
-            self._decode_fn, static_argnames=("kv_len", "greedy_only", "num_logprobs"), donate_argnames=("cache", "state")
-        )
+        self._decode = jax.jit(self._decode_fn, static_argnames=("rows", "kv_len", "greedy_only", "num_logprobs"),
+                               donate_argnames=("cache", "state"))
 
     # ------------------------------------------------------------------------------------------ pure steps
 
@@ -165,14 +178,18 @@ class ModelRunner:
         cache, state, out = self._constrain(cache, state, out)
         return cache, state, out
 
-    def _decode_fn(self, leaves, cache, state: DecodeState, *, kv_len: int, greedy_only: bool, num_logprobs: int):
+    def _decode_fn(self, leaves, cache, state: DecodeState, *, rows: int, kv_len: int, greedy_only: bool,
+                   num_logprobs: int):
+        """One token for each of the first `rows` slots (the cache keeps all slots; the others are untouched)."""
         model = self._model(leaves)
-        lengths = jnp.where(state.active, state.positions + 1, 0)
-        logits, cache = model.decode(state.tokens, state.positions, lengths, cache, kv_len, self._attention_impl)
-        ban_stop = state.steps < state.min_new
-        out, sstate = sampling.sample(logits, state.sampling, state.steps, ban_stop, greedy_only=greedy_only,
+        head = jax.tree.map(lambda a: a[:rows], state)
+        lengths = jnp.where(head.active, head.positions + 1, 0)
+        logits, cache = model.decode(head.tokens, head.positions, lengths, cache, kv_len, self._attention_impl)
+        ban_stop = head.steps < head.min_new
+        out, sstate = sampling.sample(logits, head.sampling, head.steps, ban_stop, greedy_only=greedy_only,
                                       num_logprobs=num_logprobs)
-        state = DecodeState(out.tokens, state.positions + 1, state.steps + 1, state.min_new, state.active, sstate)
+        head = DecodeState(out.tokens, head.positions + 1, head.steps + 1, head.min_new, head.active, sstate)
+        state = jax.tree.map(lambda a, h: a.at[:rows].set(h), state, head)
         cache, state, out = self._constrain(cache, state, out)
         return cache, state, out
 
@@ -204,9 +221,11 @@ class ModelRunner:
         idle[list(slots)] = True
         self.state = self._release(self.state, idle)
 
-    def decode(self, longest: int, greedy_only: bool, num_logprobs: int) -> sampling.SampleOutput:
-        kv_len = self.buckets.kv_length(longest)
-        self._note_compile(("decode", kv_len, greedy_only, num_logprobs))
-        self.cache, self.state, out = self._decode(self._leaves, self.cache, self.state, kv_len=kv_len,
+    def decode(self, longest: int, used: int, greedy_only: bool, num_logprobs: int) -> sampling.SampleOutput:
+        """One decode step for slots 0..used-1 (`used`: the highest running slot + 1; `longest`: the longest
+        running sequence). The output's rows are slots 0..decode_rows(used)-1."""
+        rows, kv_len = self.buckets.decode_rows(used), self.buckets.kv_length(longest)
+        self._note_compile(("decode", rows, kv_len, greedy_only, num_logprobs))
+        self.cache, self.state, out = self._decode(self._leaves, self.cache, self.state, rows=rows, kv_len=kv_len,
                                                    greedy_only=greedy_only, num_logprobs=num_logprobs)
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import heapq
 from collections import deque
 
 import numpy as np
@@ -70,7 +71,9 @@ class Scheduler:
         self.session_len = session_len
         self.max_prefill_tokens = max_prefill_tokens
         self.max_prefill_tiles = max_prefill_tiles
-        self.free_slots = list(range(num_slots - 1, -1, -1))
+        # A min-heap: the lowest free slot goes first, so that running sequences stay packed at the low slots and
+        # a decode step computes only the rows up to the highest one (`Buckets.decode_rows`).
+        self.free_slots = list(range(num_slots))
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
 
@@ -104,7 +107,7 @@ class Scheduler:
             if group and (cost > self.max_prefill_tokens or too_many_tiles):
                 break
             self.waiting.popleft()
-            seq.slot, seq.status = self.free_slots.pop(), Status.RUNNING
+            seq.slot, seq.status = heapq.heappop(self.free_slots), Status.RUNNING
             self.running[seq.slot] = seq
             group.append(seq)
             longest, tiles = new_longest, tiles + seq.num_tiles
@@ -113,7 +116,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str, message: str | None = None) -> None:
         if seq.status == Status.RUNNING:
             del self.running[seq.slot]
-            self.free_slots.append(seq.slot)
+            heapq.heappush(self.free_slots, seq.slot)
         seq.status, seq.finish_reason, seq.error_message = Status.FINISHED, reason, message
 
     def has_work(self) -> bool:

@@ -70,6 +70,24 @@ def test_decode_pallas_zero_length_slot_gives_zeros():
     assert np.all(np.asarray(out[0]) == 0) and np.all(np.isfinite(np.asarray(out)))
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_decode_over_the_first_rows_of_a_bigger_cache(impl):
+    """A decode step over the first S rows passes the whole cache (N > S slots); the rest are never read."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(3, s=5, t=128))
+    q, lengths = q[:2], jnp.asarray([40, 128])
+    interpret = jax.default_backend() != "gpu"
+
+    def attend(k, v):
+        if impl == "pallas":
+            return ragged_decode.ragged_decode_attention(q, k, v, lengths, interpret=interpret)
+        return attention.decode_attention(q, k, v, lengths, impl="xla")
+
+    out = np.asarray(attend(k, v), np.float32)
+    poisoned = np.asarray(attend(k.at[2:].set(jnp.nan), v.at[2:].set(jnp.nan)), np.float32)
+    np.testing.assert_array_equal(out, poisoned)
+    np.testing.assert_allclose(out, _naive(q, k[:2], v[:2], lengths), atol=2e-2)
+
+
 def test_decode_xla_reads_only_the_bucket():
     q, k, v = _qkv(4, t=256)
     lengths = jnp.asarray([10, 64, 100])

@@ -177,3 +177,39 @@ def test_prefill_buckets_pad_little_and_stay_few():
     assert Buckets(max_len=600, max_prefill_tokens=8192, num_slots=4).prefill_length(590) == 600
     assert Buckets(4096, 8192, 4, prefill_lengths=(100, 1000)).prefill_length(655) == 1000
     assert b.kv_length(655) == 768  # decode keeps its coarser buckets
+
+
+def test_decode_rows_follow_the_highest_running_slot():
+    """Decode computes slots 0..rows-1 only, rows the highest running slot + 1 padded to a power of four; the
+    scheduler hands out the lowest free slot, so sequences stay packed low; dp replicas always decode every slot."""
+    from jaxvlm.runner import Buckets
+    from jaxvlm.scheduler import EngineRequest, Scheduler
+
+    b = Buckets(max_len=1024, max_prefill_tokens=8192, num_slots=93)
+    assert [b.decode_rows(n) for n in (1, 2, 4, 5, 16, 17, 64, 65, 93)] == [1, 4, 4, 16, 16, 64, 64, 93, 93]
+    assert Buckets(1024, 8192, 8, dp=2).decode_rows(1) == 8
+    sched = Scheduler(num_slots=4, session_len=64, max_prefill_tokens=4096, max_prefill_tiles=None)
+    request = lambda i: EngineRequest(i, np.arange(3, 8, dtype=np.int32), [], GenerationConfig(max_new_tokens=4))
+    for i in range(4):
+        sched.add(request(i))
+    seqs = sched.admit(lambda n: 32)
+    assert [s.slot for s in seqs] == [0, 1, 2, 3]
+    sched.finish(seqs[3], "length")
+    sched.finish(seqs[1], "length")
+    sched.add(request(4))
+    assert [s.slot for s in sched.admit(lambda n: 32)] == [1]
+
+
+def test_lone_and_shrinking_batches_decode_few_rows(llava15_hf):
+    """A lone request in a many-slot engine decodes one row; as a batch's high slots finish, the rows shrink.
+    Either way every request gets exactly its tokens alone."""
+    pipe = _make(llava15_hf, max_batch_size=20, session_len=128)
+    prompts = _prompts(6)
+    budgets = [12, 10, 8, 6, 4, 2]  # prompt i takes slot i; the highest slots finish first
+    gens = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in budgets]
+    alone_pipe = _make(llava15_hf, max_batch_size=1, session_len=128)
+    alone = [alone_pipe(p, gen_config=g).token_ids for p, g in zip(prompts, gens)]
+    assert pipe(prompts[0], gen_config=gens[0]).token_ids == alone[0]
+    assert {key[1] for key in pipe.model.runner.compiled if key[0] == "decode"} == {1}
+    assert [r.token_ids for r in pipe(prompts, gen_config=gens)] == alone
+    assert {key[1] for key in pipe.model.runner.compiled if key[0] == "decode"} == {1, 4, 16}

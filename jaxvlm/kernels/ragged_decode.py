@@ -83,8 +83,8 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k: int
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
 def ragged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
                             tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
-    """q [S, H, D]; caches [S, KVH, T, D]; lengths [S] -> [S, H, D]. Only keys < lengths[s] are read; a slot of
-    length 0 gives zeros."""
+    """q [S, H, D]; caches [N, KVH, T, D] with N >= S; lengths [S] -> [S, H, D]. Only keys < lengths[s] of slots
+    s < S are read; a slot of length 0 gives zeros."""
     s, h, d = q.shape
     kvh, t = k_cache.shape[1], k_cache.shape[2]
     g = h // kvh
