@@ -230,15 +230,23 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.mlp = MLP(c, dtype)
 
-    def prefill(self, x, positions, inv_freq, cache, slots):
-        """x [B, L, D]; writes this chunk's k/v at cache rows `slots`, positions 0..L-1."""
+    def prefill(self, x, positions, inv_freq, cache, slots, last_index=None):
+        """x [B, L, D]; writes this chunk's k/v at cache rows `slots`, positions 0..L-1. Given `last_index` [B]
+        (the final layer, whose output matters at each prompt's last token only), attention output, o_proj and
+        the MLP run for those B rows, not B x L (about 2.5% of a 32-layer prefill), and it returns [B, D]."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, inv_freq)
-        x = x + self.self_attn.out(prefill_attention(q, k, v))
         k_cache, v_cache = cache
         for b in range(x.shape[0]):  # B is small and static: one in-place slice update per prompt
             start = (slots[b], 0, 0, 0)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k[b : b + 1].swapaxes(1, 2).astype(k_cache.dtype), start)
             v_cache = jax.lax.dynamic_update_slice(v_cache, v[b : b + 1].swapaxes(1, 2).astype(v_cache.dtype), start)
+        if last_index is None:
+            x = x + self.self_attn.out(prefill_attention(q, k, v))
+        else:
+            pick = lambda a: jnp.take_along_axis(a, last_index.reshape(-1, *[1] * (a.ndim - 1)), axis=1)[:, 0]
+            # One query per prompt over its chunk: decode attention (its XLA path shards everywhere).
+            attn = decode_attention(pick(q), k.swapaxes(1, 2), v.swapaxes(1, 2), last_index + 1, impl="xla")
+            x = pick(x) + self.self_attn.out(attn)
         return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
 
     def decode(self, x, positions, lengths, inv_freq, cache, kv_len: int, attention_impl: str | None):
@@ -278,10 +286,14 @@ class LlamaModel(nnx.Module):
             new_cache.append(layer_cache)
         return x, new_cache
 
-    def prefill(self, x: jax.Array, cache: KVCache, slots: jax.Array) -> tuple[jax.Array, KVCache]:
+    def prefill(self, x: jax.Array, cache: KVCache, slots: jax.Array,
+                last_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """x [B, L, D] -> hidden [B, L, D]; or, given `last_index` [B], only each prompt's last hidden [B, D]."""
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         inv_freq = rope_frequencies(self.config)
-        return self._layers(x, cache, lambda layer, h, c: layer.prefill(h, positions, inv_freq, c, slots))
+        final = self.layers[-1] if last_index is not None else None
+        return self._layers(x, cache, lambda layer, h, c: layer.prefill(
+            h, positions, inv_freq, c, slots, last_index if layer is final else None))
 
     def decode(self, x: jax.Array, positions: jax.Array, lengths: jax.Array, cache: KVCache, kv_len: int,
                attention_impl: str | None = None) -> tuple[jax.Array, KVCache]:
@@ -332,9 +344,9 @@ class Llava(nnx.Module):
         return self.language_model.prefill(self.embed(tokens, features, feature_index), cache, slots)
 
     def prefill(self, tokens, features, feature_index, cache: KVCache, slots, last_index):
-        """`prefill_hidden`, then the logits at `last_index` [B] (each prompt's last real token) only."""
-        h, cache = self.prefill_hidden(tokens, features, feature_index, cache, slots)
-        last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]
+        """Like `prefill_hidden`, but returns the logits at `last_index` [B] (each prompt's last real token) only."""
+        x = self.embed(tokens, features, feature_index)
+        last, cache = self.language_model.prefill(x, cache, slots, last_index)
         return self.language_model.logits(last), cache
 
     def decode(self, tokens, positions, lengths, cache: KVCache, kv_len: int, attention_impl: str | None = None):

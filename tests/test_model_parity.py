@@ -127,3 +127,20 @@ def test_feature_counts_follow_each_formats_reference(llava16_original, llava_ne
             n = len(anyres.feature_layout((h, w), grid, cfg.vision.patches_per_side, cfg.tokens_per_tile,
                                           cfg.unpad_rounding, True))
             assert n == tiny.tokens_per_image(w, h), (tiny.fmt, w, h)
+
+
+def test_prefill_logits_at_the_last_tokens_equal_the_full_prefill(llava15_hf_gqa):
+    """`prefill` runs the final layer for each prompt's last token only; its logits equal those of the full
+    prefill (`prefill_hidden`) at that position, for right-padded prompts of different lengths."""
+    model = load_model(inspect_checkpoint(llava15_hf_gqa.path), jnp.float32)
+    cfg = model.config
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 200, (2, 24)), jnp.int32)
+    last = jnp.asarray([9, 23], jnp.int32)
+    slots, no_image = jnp.asarray([1, 0], jnp.int32), jnp.full(tokens.shape, -1, jnp.int32)
+    hidden, full_cache = model.prefill_hidden(tokens, None, no_image, init_cache(cfg.text, 2, 24, jnp.float32), slots)
+    logits, cache = model.prefill(tokens, None, no_image, init_cache(cfg.text, 2, 24, jnp.float32), slots, last)
+    expected = model.language_model.logits(hidden[jnp.arange(2), last])
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5, rtol=0)
+    for (k, v), (k_full, v_full) in zip(cache, full_cache):
+        np.testing.assert_array_equal(np.asarray(k), np.asarray(k_full))
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(v_full))
