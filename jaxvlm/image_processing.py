@@ -253,7 +253,8 @@ class ImageProcessor:
                 target = self.resize_hw
             else:
                 target = _short_side_size(out.shape[:2], int(self.shortest_edge))  # type: ignore[arg-type]
-            out = _resize(out, target, self.resample)
+            if tuple(target) != out.shape[:2]:  # PIL returns a same-size resize as a copy: skip the round trip
+                out = _resize(out, target, self.resample)
         if self.do_center_crop and self.crop_hw is not None:
             out = _center_crop(out, self.crop_hw)
         return out

@@ -62,7 +62,7 @@ HF_CONFIGS = {
     ),
 }
 
-SHAPES = [(40, 40), (64, 30), (30, 64), (5, 7), (7, 5), (1, 1), (97, 13)]  # (width, height)
+SHAPES = [(40, 40), (64, 30), (30, 64), (5, 7), (7, 5), (1, 1), (97, 13), (28, 28)]  # (width, height); 28: a tile
 
 
 def _image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -77,7 +77,7 @@ def _image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.I
 def _images_for(name: str) -> list[Image.Image]:
     images = [_image(w, h) for w, h in SHAPES] + [_image(50, 37, "RGBA")]
     if "336" in name:  # real settings: also images bigger than one tile and one below it on both sides
-        images += [_image(700, 500), _image(300, 200), _image(480, 1000)]
+        images += [_image(700, 500), _image(300, 200), _image(480, 1000), _image(336, 336)]
     return images
 
 
