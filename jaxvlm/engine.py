@@ -62,29 +62,34 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- prefill
 
-    def _feature_rows(self, group: list[Sequence]) -> tuple[np.ndarray | None, np.ndarray]:
-        """All tiles of the group stacked for one vision call, and each prompt position's feature row."""
+    def _feature_rows(self, group: list[Sequence]) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+        """All tiles of the group stacked for one vision call (with their value table, if uint8), and each prompt
+        position's feature row."""
         rows_of = np.full((len(group), max(s.prompt_len for s in group)), -1, np.int32)
-        tiles, first_tile = [], 0
+        images, first_tile = [], 0
         for b, seq in enumerate(group):
             for im in seq.request.images:
-                n = im.pixel_values.shape[0]
                 local = np.asarray(im.layout)
-                newline = local == n * self.tokens_per_tile
+                newline = local == im.num_tiles * self.tokens_per_tile
                 rows = np.where(newline, NEWLINE, local + first_tile * self.tokens_per_tile)
                 rows_of[b, im.start : im.start + len(local)] = rows
-                tiles.append(im.pixel_values)
-                first_tile += n
-        if not tiles:
-            return None, rows_of
-        pixels = tiles[0] if len(tiles) == 1 else np.concatenate(tiles)
-        return pixels.astype(np.float32, copy=False), rows_of
+                images.append(im)
+                first_tile += im.num_tiles
+        if not images:
+            return None, None, rows_of
+        table = images[0].value_table
+        if table is not None and all(im.value_table is not None and np.array_equal(im.value_table, table)
+                                     for im in images):
+            tiles = [im.tiles for im in images]  # uint8: normalized on the device
+        else:
+            table, tiles = None, [im.pixel_values.astype(np.float32, copy=False) for im in images]
+        return tiles[0] if len(tiles) == 1 else np.concatenate(tiles), table, rows_of
 
     def _prefill(self, group: list[Sequence]) -> sampling.SampleOutput:
         buckets = self.runner.buckets
         length = buckets.prefill_length(max(s.prompt_len for s in group))
         members = group + [group[0]] * (buckets.prefill_batch(len(group), length) - len(group))
-        pixels, rows_of = self._feature_rows(group)
+        pixels, value_table, rows_of = self._feature_rows(group)
         tokens = np.zeros((len(members), length), np.int32)
         index = np.full((len(members), length), -1, np.int32)
         for b, seq in enumerate(group):
@@ -106,7 +111,7 @@ class Engine:
             params=_stack_params([_slot_params(s) for s in group], len(members)),
             seen_ids=seen.astype(np.int32),
         )
-        features = None if pixels is None else self.runner.encode_images(pixels)
+        features = None if pixels is None else self.runner.encode_images(pixels, value_table)
         return self.runner.prefill(batch, features, self._num_logprobs(group))
 
     @staticmethod

@@ -70,15 +70,23 @@ _NEXT_TYPES = {"LlavaNextImageProcessor"}
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    """One image ready for the vision tower."""
+    """One image ready for the vision tower: its resized and cropped uint8 tiles, and the table that rescales
+    and normalizes them. The engine ships the tiles as they are (a quarter of the float32 bytes) and gathers
+    through the table on the device; `pixel_values` does the same gather on the host."""
 
-    pixel_values: np.ndarray  # float32 [num_tiles, 3, S, S]; tile 0 = whole image (NeXT: base image)
+    tiles: np.ndarray  # uint8 [num_tiles, S, S, 3]; tile 0 = whole image (NeXT: base image)
     image_size: tuple[int, int]  # original (height, width)
     grid: tuple[int, int] | None  # NeXT: (rows, cols) of the grid tiles; None for LLaVA-1.5
+    value_table: np.ndarray | None = None  # float32 [3, 256]: each channel's normalized value of each uint8
 
     @property
     def num_tiles(self) -> int:
-        return int(self.pixel_values.shape[0])
+        return int(self.tiles.shape[0])
+
+    @functools.cached_property
+    def pixel_values(self) -> np.ndarray:
+        """float32 [num_tiles, 3, S, S], as transformers' processor gives them."""
+        return normalize_tiles(self.tiles, self.value_table)
 
 
 @dataclass(frozen=True)
@@ -197,20 +205,8 @@ class ImageProcessor:
             tiles = [_pad_to_square(rgb, self.pad_color)]
         else:
             tiles = [rgb]
-        crops = [self._resize_and_crop(tile) for tile in tiles]
-        # Rescale + normalize: one table gather per channel, written straight into the CHW result; the tiles of
-        # an anyres image in parallel (numpy's gather releases the GIL).
-        pixel_values = np.empty((len(crops), 3, *crops[0].shape[:2]), np.float32)
-
-        def normalize(i: int) -> None:
-            for c in range(3):
-                np.take(self._value_table[c], crops[i][..., c], out=pixel_values[i, c])
-
-        if len(crops) == 1:
-            normalize(0)
-        else:
-            list(_pixel_pool().map(normalize, range(len(crops))))
-        return ProcessedImage(pixel_values=pixel_values, image_size=(height, width), grid=grid)
+        crops = np.stack([self._resize_and_crop(tile) for tile in tiles])
+        return ProcessedImage(tiles=crops, image_size=(height, width), grid=grid, value_table=self._value_table)
 
     def _to_rgb(self, image: Image.Image) -> np.ndarray:
         if self.convention == "original":
@@ -265,7 +261,7 @@ class ImageProcessor:
 
         Both steps are per-element functions of a uint8 value, so a 768-entry table computed with
         transformers' exact precision path (a float64 product, then float32 arithmetic) gives bit-identical
-        tiles in one gather, several times faster than the float64 arrays it replaces."""
+        tiles in one gather, on the host or on the device."""
         out = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, 3))
         if self.do_rescale:
             out = (out.astype(np.float64) * self.rescale_factor).astype(np.float32)
@@ -365,6 +361,15 @@ def _pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
 
 
 # --------------------------------------------------------------------- pixel helpers
+def normalize_tiles(tiles: np.ndarray, value_table: np.ndarray) -> np.ndarray:
+    """uint8 [N, S, S, 3] tiles -> float32 [N, 3, S, S] through a [3, 256] table (`ImageProcessor._value_table`);
+    the engine's device path (`runner.ModelRunner.encode_images`) gathers the same way."""
+    out = np.empty((tiles.shape[0], 3, *tiles.shape[1:3]), np.float32)
+    for c in range(3):
+        np.take(value_table[c], tiles[..., c], out=out[:, c])
+    return out
+
+
 @functools.cache
 def _pixel_pool() -> ThreadPoolExecutor:
     """Workers for the independent pieces of one image. Its tasks never wait on each other, so request

@@ -15,15 +15,27 @@ from collections import deque
 import numpy as np
 
 from jaxvlm.config import GenerationConfig
+from jaxvlm.image_processing import normalize_tiles
 
 
 @dataclasses.dataclass
 class ImageInput:
-    """One image of a prompt, ready for the vision tower."""
+    """One image of a prompt, ready for the vision tower: uint8 tiles with the table that normalizes them (from
+    the processor; the gather runs on the device), or float32 pixels already normalized (value_table None)."""
 
-    pixel_values: np.ndarray  # f32 [tiles, C, S, S]
+    tiles: np.ndarray  # uint8 [n, S, S, C] with a value_table, else f32 [n, C, S, S]
     layout: np.ndarray  # i32 [k]: rows of this image's features (tiles * tokens_per_tile, then newline)
     start: int  # the position in the prompt where its k feature tokens begin
+    value_table: np.ndarray | None = None  # f32 [C, 256]: the normalized value of each uint8 in each channel
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tiles.shape[0]
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        """f32 [n, C, S, S] normalized pixels, as transformers' processor gives them."""
+        return self.tiles if self.value_table is None else normalize_tiles(self.tiles, self.value_table)
 
 
 @dataclasses.dataclass
@@ -63,7 +75,7 @@ class Sequence:
 
     @property
     def num_tiles(self) -> int:
-        return sum(im.pixel_values.shape[0] for im in self.request.images)
+        return sum(im.num_tiles for im in self.request.images)
 
 
 class Scheduler:

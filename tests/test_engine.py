@@ -213,3 +213,18 @@ def test_lone_and_shrinking_batches_decode_few_rows(llava15_hf):
     assert {key[1] for key in pipe.model.runner.compiled if key[0] == "decode"} == {1}
     assert [r.token_ids for r in pipe(prompts, gen_config=gens)] == alone
     assert {key[1] for key in pipe.model.runner.compiled if key[0] == "decode"} == {1, 4, 16}
+
+
+def test_uint8_tiles_normalized_on_the_device_equal_the_host_pixels(llava_next_hf):
+    """The processor hands the engine uint8 tiles and its value table; the device gather gives the vision
+    tower exactly the float pixels that the host normalization (and transformers) gives."""
+    from jaxvlm.image_processing import normalize_tiles
+
+    pipe = _make(llava_next_hf, max_batch_size=1, session_len=256)
+    processed, _ = pipe.processor.preprocess_image(_image(61, 23, 5))
+    assert processed.tiles.dtype == np.uint8 and processed.num_tiles > 1
+    runner = pipe.model.runner
+    on_device = runner.encode_images(processed.tiles, processed.value_table)
+    on_host = runner.encode_images(normalize_tiles(processed.tiles, processed.value_table))
+    np.testing.assert_array_equal(np.asarray(on_device), np.asarray(on_host))
+    assert {key[-1] for key in runner.compiled if key[0] == "vision"} == {"uint8", "float32"}

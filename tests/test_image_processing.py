@@ -260,7 +260,7 @@ def test_original_anyres_tie_case(side, pinpoints, fitted_height, paste_y, resam
 
 # ----------------------------------------------------------------------------- misc
 def test_layout_uses_the_checkpoint_rounding():
-    image = ProcessedImage(np.zeros((5, 3, 336, 336), np.float32), (396, 704), (2, 2))
+    image = ProcessedImage(np.zeros((5, 336, 336, 3), np.uint8), (396, 704), (2, 2))
     hf = ImageProcessor.from_hf(HF_CONFIGS["next-336"])
     original = ImageProcessor.from_original({"image_aspect_ratio": "anyres", "image_grid_pinpoints": DEFAULT_PINPOINTS})
     assert len(hf.layout(image, 24, 576, newline=True)) == 1948
