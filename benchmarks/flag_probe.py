@@ -4,7 +4,7 @@ prefill, each compiled once per option set (`jax.jit(..., compiler_options=...)`
 Runs on random 7B-shaped weights made on the device (as `decode_probe.py`). Prints one JSON line per (options,
 step): compile seconds and milliseconds per call; an option XLA rejects is reported and skipped.
 
-    python benchmarks/flag_probe.py [--sets default,exhaustive] [--steps decode1,decode64,prefill2432]
+    python benchmarks/flag_probe.py [--sets default,exhaustive] [--steps decode1,decode1of93,decode64,prefill2432]
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ def per_call_ms(call, reset, calls: int, repeats: int = 5) -> float:
     return float(np.median(times)) * 1e3
 
 
-def decode_case(model, slots: int, options: dict) -> tuple[float, float]:
+def decode_case(model, used: int, slots: int, options: dict) -> tuple[float, float]:
+    """`used` running sequences in the first slots of a `slots`-slot engine."""
     runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=jnp.bfloat16)
     runner._decode = jax.jit(runner._decode_fn, static_argnames=("rows", "kv_len", "greedy_only", "num_logprobs"),
                              donate_argnames=("cache", "state"), compiler_options=options)
-    active = np.arange(runner.buckets.num_slots) < slots
+    active = np.arange(slots) < used
 
     def reset():  # every slot at 700 tokens: 60 more steps stay inside the 768-column bucket
         runner.state.positions = jnp.where(jnp.asarray(active), 700, 0).astype(jnp.int32)
@@ -61,9 +62,9 @@ def decode_case(model, slots: int, options: dict) -> tuple[float, float]:
 
     reset()
     t = time.perf_counter()
-    jax.block_until_ready(runner.decode(701, slots, greedy_only=True, num_logprobs=0).tokens)
+    jax.block_until_ready(runner.decode(701, used, greedy_only=True, num_logprobs=0).tokens)
     compile_s = time.perf_counter() - t
-    ms = per_call_ms(lambda: runner.decode(701, slots, greedy_only=True, num_logprobs=0).tokens, reset, calls=60)
+    ms = per_call_ms(lambda: runner.decode(701, used, greedy_only=True, num_logprobs=0).tokens, reset, calls=60)
     return compile_s, ms
 
 
@@ -95,8 +96,9 @@ def main() -> None:
         for step in args.steps.split(","):
             options = OPTION_SETS[name]
             try:
-                if step.startswith("decode"):
-                    compile_s, ms = decode_case(model, int(step.removeprefix("decode")), options)
+                if step.startswith("decode"):  # "decode<used>" or "decode<used>of<slots>"
+                    used, _, slots = step.removeprefix("decode").partition("of")
+                    compile_s, ms = decode_case(model, int(used), int(slots or used), options)
                 else:
                     compile_s, ms = prefill_case(model, int(step.removeprefix("prefill")), options)
                 row = {"set": name, "step": step, "compile_s": round(compile_s, 2), "ms": round(ms, 4)}
