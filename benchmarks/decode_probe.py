@@ -57,14 +57,15 @@ def bandwidth_gbs() -> float:
     return 2 * x.nbytes * 10 / (time.perf_counter() - t) / 1e9
 
 
-def bare_steps(model: Llava):
+def bare_steps(model: Llava, compiler_options: dict | None = None):
     """The vision tower and the decoder prefill as bare jitted calls, without the engine or sampling:
     `encode(pixels)` and `prefill(cache, tokens) -> (last logits, cache)`, the cache donated, prompts in rows
-    0..B-1 filling their whole padded length."""
+    0..B-1 filling their whole padded length; both compiled with `compiler_options` (XLA's, per jit)."""
     graphdef, params = nnx.split(model)
-    encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_images(x))
+    encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_images(x), compiler_options=compiler_options)
     prefill = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).prefill(
-        t, None, None, c, jnp.arange(t.shape[0]), jnp.full((t.shape[0],), t.shape[1] - 1)), donate_argnums=1)
+        t, None, None, c, jnp.arange(t.shape[0]), jnp.full((t.shape[0],), t.shape[1] - 1)), donate_argnums=1,
+        compiler_options=compiler_options)
     return (lambda pixels: encode(params, pixels)), (lambda cache, tokens: prefill(params, cache, tokens))
 
 

@@ -16,9 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from decode_probe import LLAVA_15_7B, random_model  # sibling scripts: benchmarks/ is on sys.path
+from decode_probe import LLAVA_15_7B, bare_steps, random_model  # sibling scripts: benchmarks/ is on sys.path
 from jaxvlm.model_config import llava_config_from_hf
 from jaxvlm.modeling import init_cache
 from jaxvlm.runner import ModelRunner
@@ -69,15 +68,12 @@ def decode_case(model, used: int, slots: int, options: dict) -> tuple[float, flo
 
 
 def prefill_case(model, length: int, options: dict) -> tuple[float, float]:
-    graphdef, params = nnx.split(model)
-    step = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).prefill(t, None, None, c, jnp.zeros((1,), jnp.int32),
-                                                                  jnp.full((1,), t.shape[1] - 1)),
-                   donate_argnums=1, compiler_options=options)
+    _, prefill = bare_steps(model, options)
     cache = [init_cache(model.config.text, 1, length, jnp.bfloat16)]
     tokens = jnp.asarray(np.random.default_rng(1).integers(3, 32000, (1, length)), jnp.int32)
 
     def call():
-        logits, cache[0] = step(params, cache[0], tokens)
+        logits, cache[0] = prefill(cache[0], tokens)
         return logits
 
     t = time.perf_counter()
