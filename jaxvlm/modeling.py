@@ -236,16 +236,17 @@ class DecoderLayer(nnx.Module):
         the MLP run for those B rows, not B x L (about 2.5% of a 32-layer prefill), and it returns [B, D]."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, inv_freq)
         k_cache, v_cache = cache
+        k_rows, v_rows = k.swapaxes(1, 2), v.swapaxes(1, 2)  # the cache layout [B, KVH, L, D]
         for b in range(x.shape[0]):  # B is small and static: one in-place slice update per prompt
             start = (slots[b], 0, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k[b : b + 1].swapaxes(1, 2).astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v[b : b + 1].swapaxes(1, 2).astype(v_cache.dtype), start)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_rows[b : b + 1].astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_rows[b : b + 1].astype(v_cache.dtype), start)
         if last_index is None:
             x = x + self.self_attn.out(prefill_attention(q, k, v))
         else:
             pick = lambda a: jnp.take_along_axis(a, last_index.reshape(-1, *[1] * (a.ndim - 1)), axis=1)[:, 0]
             # One query per prompt over its chunk: decode attention (its XLA path shards everywhere).
-            attn = decode_attention(pick(q), k.swapaxes(1, 2), v.swapaxes(1, 2), last_index + 1, impl="xla")
+            attn = decode_attention(pick(q), k_rows, v_rows, last_index + 1, impl="xla")
             x = pick(x) + self.self_attn.out(attn)
         return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
 
@@ -339,14 +340,15 @@ class Llava(nnx.Module):
             x = jnp.where((feature_index == NEWLINE)[..., None], self.image_newline[...].astype(x.dtype), x)
         return x
 
-    def prefill_hidden(self, tokens, features, feature_index, cache: KVCache, slots) -> tuple[jax.Array, KVCache]:
-        """Runs whole prompts (right-padded [B, L]) into cache rows `slots`; returns the final hidden states."""
-        return self.language_model.prefill(self.embed(tokens, features, feature_index), cache, slots)
+    def prefill_hidden(self, tokens, features, feature_index, cache: KVCache, slots,
+                       last_index=None) -> tuple[jax.Array, KVCache]:
+        """Runs whole prompts (right-padded [B, L]) into cache rows `slots`; returns the final hidden states
+        [B, L, D], or only those at `last_index` [B] when given ([B, D])."""
+        return self.language_model.prefill(self.embed(tokens, features, feature_index), cache, slots, last_index)
 
     def prefill(self, tokens, features, feature_index, cache: KVCache, slots, last_index):
-        """Like `prefill_hidden`, but returns the logits at `last_index` [B] (each prompt's last real token) only."""
-        x = self.embed(tokens, features, feature_index)
-        last, cache = self.language_model.prefill(x, cache, slots, last_index)
+        """`prefill_hidden`, then the logits at `last_index` [B] (each prompt's last real token) only."""
+        last, cache = self.prefill_hidden(tokens, features, feature_index, cache, slots, last_index)
         return self.language_model.logits(last), cache
 
     def decode(self, tokens, positions, lengths, cache: KVCache, kv_len: int, attention_impl: str | None = None):
