@@ -20,7 +20,8 @@ from flax import nnx
 from jaxvlm.config import GenerationConfig
 from jaxvlm.engine import Engine
 from jaxvlm.model_config import llava_config_from_hf
-from jaxvlm.modeling import Llava, init_cache
+from jaxvlm.kv_cache import init_cache
+from jaxvlm.modeling import Llava
 from jaxvlm.runner import ModelRunner
 from jaxvlm.scheduler import EngineRequest
 from kernel_probe import timeit  # a sibling script: benchmarks/ is on sys.path when this one runs

@@ -22,7 +22,7 @@ import numpy as np
 
 from decode_probe import LLAVA_15_7B, bare_steps, random_model  # sibling scripts: benchmarks/ is on sys.path
 from jaxvlm.model_config import llava_config_from_hf
-from jaxvlm.modeling import init_cache
+from jaxvlm.kv_cache import init_cache
 from jaxvlm.runner import ModelRunner
 
 

@@ -219,7 +219,7 @@ LMDEPLOY_ONLY_ENGINE_FIELDS = frozenset({
     "language_model_only", "logprobs_mode", "max_prefill_iters", "migration_backend", "mlp_dp_size",
     "mlp_tp_size", "model_format", "model_name", "moe_tp_size", "mp_engine_backend", "nnodes", "node_rank",
     "num_cpu_blocks", "num_gpu_blocks", "num_tokens_per_iter", "outer_dp_size", "prefill_interval",
-    "prefix_cache_decode_state_interval", "prefix_cache_state_budget", "quant_policy", "role",
+    "prefix_cache_decode_state_interval", "prefix_cache_state_budget", "role",
     "rope_scaling_factor", "should_execute_dummy_batch", "thread_safe", "use_logn_attn",
 })
 
@@ -255,8 +255,10 @@ class EngineConfig:
     - ``vision_tower_path``: a local CLIP checkpoint for original LLaVA-1.5 checkpoints, whose config names
       a hub tower (``mm_vision_tower``) that is not inside the checkpoint.
     Unlike LMDeploy, ``dtype='float32'`` is allowed and ``cache_max_entry_count=1`` is accepted.
-    Any other LMDeploy engine field (``quant_policy``, ``cache_block_seq_len``, ...) is accepted with a
-    warning and kept, unused, in ``ignored_fields``; a name that is neither raises TypeError.
+    ``quant_policy`` is LMDeploy's KV-cache quantization: 0 keeps the model's dtype, 8 stores int8 with a scale
+    per token and head (twice the sequences in the same memory); 4 (int4) is not implemented and runs as 8,
+    with a warning. Any other LMDeploy engine field (``cache_block_seq_len``, ...) is accepted with a warning
+    and kept, unused, in ``ignored_fields``; a name that is neither raises TypeError.
     """
 
     tp: int = 1
@@ -266,6 +268,7 @@ class EngineConfig:
     cache_max_entry_count: float = 0.8
     dtype: str = "auto"
     max_prefill_token_num: int = 8192
+    quant_policy: int = 0
     download_dir: str | None = None
     revision: str | None = None
     compilation_cache_dir: str | None = field(default_factory=default_compilation_cache_dir)
@@ -275,7 +278,8 @@ class EngineConfig:
 
     def __init__(self, *, tp: int = 1, dp: int = 1, session_len: int | None = None,
                  max_batch_size: int | None = None, cache_max_entry_count: float = 0.8, dtype: str = "auto",
-                 max_prefill_token_num: int = 8192, download_dir: str | os.PathLike | None = None,
+                 max_prefill_token_num: int = 8192, quant_policy: int = 0,
+                 download_dir: str | os.PathLike | None = None,
                  revision: str | None = None,
                  compilation_cache_dir: str | os.PathLike | None = _DEFAULT_CACHE_DIR,
                  prefill_buckets: Sequence[int] | None = None,
@@ -300,6 +304,13 @@ class EngineConfig:
             raise _error(o, "dtype", f"must be one of {', '.join(map(repr, _DTYPES))}", dtype)
         self.dtype = dtype
         self.max_prefill_token_num = _check_int(o, "max_prefill_token_num", max_prefill_token_num, low=1)
+        if not _is_int(quant_policy) or quant_policy not in (0, 4, 8):
+            raise _error(o, "quant_policy", "must be 0 (no KV quantization), 8 (int8 KV) or 4", quant_policy)
+        if quant_policy == 4:
+            warnings.warn(f"{o}: quant_policy=4 (int4 KV cache) is not implemented; using int8 (quant_policy=8)",
+                          UserWarning, stacklevel=2)
+            quant_policy = 8
+        self.quant_policy = int(quant_policy)
         self.download_dir = _check_path(o, "download_dir", download_dir)
         if revision is not None and not isinstance(revision, str):
             raise _error(o, "revision", "must be a str (branch, tag or commit) or None", revision)

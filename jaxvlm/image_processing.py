@@ -17,7 +17,8 @@ from __future__ import annotations
 import ast
 import functools
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -226,20 +227,21 @@ class ImageProcessor:
         # The original calls PIL's resize without a filter (bicubic); transformers passes its resample.
         resample = BICUBIC if self.convention == "original" else self.resample
 
-        # The two resizes are independent, and pillow releases the GIL while resizing: the base tile's runs on a
-        # worker meanwhile (about 4 of the 9 ms a 640x480 image took).
+        # Both resizes run at once, each split by channel across the pixel workers (`_resize_async`).
         base_hw = self.resize_hw if self.resize_hw is not None else (self.shortest_edge, self.shortest_edge)
-        base = _pixel_pool().submit(_resize, rgb, base_hw, resample)
+        channels = Image.fromarray(rgb).split()
+        base = _resize_async(channels, base_hw, resample)
         fit_h, fit_w = _fit_inside((height, width), (canvas_h, canvas_w))
+        fitted = _resize_async(channels, (fit_h, fit_w), resample)
         canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
         top, left = (canvas_h - fit_h) // 2, (canvas_w - fit_w) // 2
-        canvas[top : top + fit_h, left : left + fit_w] = _resize(rgb, (fit_h, fit_w), resample)
+        canvas[top : top + fit_h, left : left + fit_w] = fitted()
 
         tile = self.tile_size
         grid_tiles = [
             canvas[y : y + tile, x : x + tile] for y in range(0, canvas_h, tile) for x in range(0, canvas_w, tile)
         ]
-        return [base.result(), *grid_tiles]
+        return [base(), *grid_tiles]
 
     def _resize_and_crop(self, tile: np.ndarray) -> np.ndarray:
         """Resize and centre crop one HWC uint8 tile."""
@@ -372,14 +374,26 @@ def normalize_tiles(tiles: np.ndarray, value_table: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _pixel_pool() -> ThreadPoolExecutor:
-    """Workers for the independent pieces of one image. Its tasks never wait on each other, so request
-    preparation threads can share it without deadlock."""
-    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="jaxvlm-pixels")
+    """Workers for the independent pieces of one image. Only request threads submit to it and its tasks never
+    wait on each other, so the threads preparing a batch can share it without deadlock."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="jaxvlm-pixels")
+
+
+def _resize_async(channels: Sequence[Image.Image], size_hw: Sequence[int], resample: int) -> Callable[[], np.ndarray]:
+    """Starts a resize of an RGB image, given as its split() channels, on the pixel workers, one task per channel;
+    the returned call waits for it and gives the HWC uint8 result.
+
+    PIL resamples each channel of an RGB image with the same fixed-point coefficients and arithmetic, so the
+    channels resized as separate 'L' images are bit-identical to the RGB resize (tested), and pillow releases
+    the GIL while resizing: a 640x480 image's bicubic upscale to 672x504 takes a third of the time on three
+    workers."""
+    height, width = (int(v) for v in size_hw)
+    bands = [_pixel_pool().submit(band.resize, (width, height), resample=resample) for band in channels]
+    return lambda: np.stack([np.asarray(band.result()) for band in bands], axis=-1)
 
 
 def _resize(rgb: np.ndarray, size_hw: Sequence[int], resample: int) -> np.ndarray:
-    height, width = (int(v) for v in size_hw)
-    return np.asarray(Image.fromarray(rgb).resize((width, height), resample=resample))
+    return _resize_async(Image.fromarray(rgb).split(), size_hw, resample)()
 
 
 def _short_side_size(size_hw: Sequence[int], shortest_edge: int) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxvlm import checkpoint, converted_checkpoint, params, sharding
+from jaxvlm import checkpoint, converted_checkpoint, kv_cache, params, sharding
 from jaxvlm.chat_template import ChatTemplateConfig, resolve_chat_template
 from jaxvlm.config import EngineConfig
 from jaxvlm.model_config import LlavaConfig
@@ -43,11 +43,11 @@ def enable_compilation_cache(path: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def plan_slots(cfg: LlavaConfig, session_len: int, dtype, engine: EngineConfig, mesh) -> int:
+def plan_slots(cfg: LlavaConfig, session_len: int, cache_dtype, engine: EngineConfig, mesh) -> int:
     """Concurrent sequences the KV cache holds: `cache_max_entry_count` of the free device memory after the
     weights, divided by one full-length sequence's cache (capped by max_batch_size)."""
     t = cfg.text
-    per_slot = 2 * t.num_layers * t.num_kv_heads * t.head_dim * session_len * jnp.dtype(dtype).itemsize
+    per_slot = kv_cache.bytes_per_token(t, cache_dtype) * session_len
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         slots = engine.max_batch_size or DEFAULT_SLOTS_WITHOUT_MEMORY_STATS
@@ -94,7 +94,8 @@ def load(model_path: str, engine: EngineConfig, template_config: ChatTemplateCon
         raise ValueError(f"session_len={session_len} exceeds the model's sliding_window="
                          f"{cfg.text.sliding_window}, which jaxvlm does not implement; lower session_len")
     model = load_weights()
-    slots = plan_slots(cfg, session_len, dtype, engine, mesh)
-    runner = ModelRunner(model, slots, session_len, dtype, engine.max_prefill_token_num,
+    cache_dtype = jnp.int8 if engine.quant_policy == 8 else dtype
+    slots = plan_slots(cfg, session_len, cache_dtype, engine, mesh)
+    runner = ModelRunner(model, slots, session_len, cache_dtype, engine.max_prefill_token_num,
                          engine.prefill_buckets or (), mesh=mesh)
     return LoadedModel(cfg, runner, processor, session_len, model_dir)

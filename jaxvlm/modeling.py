@@ -15,11 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxvlm.kernels.attention import decode_attention, prefill_attention
+from jaxvlm.kv_cache import KVCache, LayerCache
 from jaxvlm.model_config import LlavaConfig, TextConfig, VisionTowerConfig
 
-# Per layer (k, v), each [slots, kv_heads, max_len, head_dim]: heads-major, so attention reads each head's keys
-# contiguously (a token-major cache measured 1.5x slower decode on an H100: XLA relayouts it per step).
-KVCache = list[tuple[jax.Array, jax.Array]]
 NEWLINE = -2  # feature_index value of the LLaVA-NeXT image_newline token
 
 
@@ -230,17 +228,15 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.mlp = MLP(c, dtype)
 
-    def prefill(self, x, positions, inv_freq, cache, slots, last_index=None):
+    def prefill(self, x, positions, inv_freq, cache: LayerCache, slots, last_index=None):
         """x [B, L, D]; writes this chunk's k/v at cache rows `slots`, positions 0..L-1. Given `last_index` [B]
         (the final layer, whose output matters at each prompt's last token only), attention output, o_proj and
-        the MLP run for those B rows, not B x L (about 2.5% of a 32-layer prefill), and it returns [B, D]."""
+        the MLP run for those B rows, not B x L (about 2.5% of a 32-layer prefill), and it returns [B, D].
+        Attention reads the chunk's own k/v, never the (possibly int8) cache."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, inv_freq)
-        k_cache, v_cache = cache
         k_rows, v_rows = k.swapaxes(1, 2), v.swapaxes(1, 2)  # the cache layout [B, KVH, L, D]
         for b in range(x.shape[0]):  # B is small and static: one in-place slice update per prompt
-            start = (slots[b], 0, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_rows[b : b + 1].astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v_rows[b : b + 1].astype(v_cache.dtype), start)
+            cache = cache.write_prompt(slots[b], k_rows[b : b + 1], v_rows[b : b + 1])
         if last_index is None:
             x = x + self.self_attn.out(prefill_attention(q, k, v))
         else:
@@ -248,19 +244,17 @@ class DecoderLayer(nnx.Module):
             # One query per prompt over its chunk: decode attention (its XLA path shards everywhere).
             attn = decode_attention(pick(q), k_rows, v_rows, last_index + 1, impl="xla")
             x = pick(x) + self.self_attn.out(attn)
-        return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
-    def decode(self, x, positions, lengths, inv_freq, cache, kv_len: int, attention_impl: str | None):
+    def decode(self, x, positions, lengths, inv_freq, cache: LayerCache, kv_len: int, attention_impl: str | None):
         """x [S, D], one token per slot at `positions` [S]; slot s attends to its first `lengths[s]` cache
         entries (0: an idle slot), all within the first `kv_len`."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x)[:, None], positions[:, None], inv_freq)
-        k_cache, v_cache = cache
-        slot = jnp.arange(x.shape[0])
-        k_cache = k_cache.at[slot, :, positions].set(k[:, 0].astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[slot, :, positions].set(v[:, 0].astype(v_cache.dtype), mode="drop")
-        attn = decode_attention(q[:, 0], k_cache, v_cache, lengths, kv_len, impl=attention_impl)
+        cache = cache.write_tokens(positions, k[:, 0], v[:, 0])
+        attn = decode_attention(q[:, 0], cache.k, cache.v, lengths, kv_len, k_scale=cache.k_scale,
+                                v_scale=cache.v_scale, impl=attention_impl)
         x = x + self.self_attn.out(attn)
-        return x + self.mlp(self.post_attention_layernorm(x)), (k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class LlamaModel(nnx.Module):
@@ -359,7 +353,3 @@ class Llava(nnx.Module):
         h, cache = self.language_model.decode(x, positions, lengths, cache, kv_len, attention_impl)
         return self.language_model.logits(h), cache
 
-
-def init_cache(cfg: TextConfig, num_slots: int, max_len: int, dtype) -> KVCache:
-    shape = (num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]

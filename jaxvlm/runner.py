@@ -20,7 +20,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxvlm import sampling, sharding
-from jaxvlm.modeling import KVCache, Llava, init_cache
+from jaxvlm.kv_cache import KVCache, init_cache
+from jaxvlm.modeling import Llava
 
 log = logging.getLogger(__name__)
 

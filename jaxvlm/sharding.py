@@ -71,13 +71,14 @@ def placer(mesh: Mesh):
     return place
 
 
-def cache_spec(mesh: Mesh, num_kv_heads: int) -> P:
-    """KV cache [slots, kv_heads, len, head_dim]: slots over dp, heads over tp."""
-    return P(DP, TP if kv_shards(mesh, num_kv_heads) > 1 else None, None, None)
+def cache_spec(mesh: Mesh, num_kv_heads: int, ndim: int = 4) -> P:
+    """KV cache [slots, kv_heads, len, head_dim] (an int8 cache's scales: [slots, kv_heads, len]): slots over
+    dp, heads over tp."""
+    return P(DP, TP if kv_shards(mesh, num_kv_heads) > 1 else None, *[None] * (ndim - 2))
 
 
 def state_shardings(mesh: Mesh, num_kv_heads: int, cache, state):
     """Shardings of the KV cache and the decode state (per-slot arrays split over dp)."""
-    cache_sh = jax.tree.map(lambda _: NamedSharding(mesh, cache_spec(mesh, num_kv_heads)), cache)
+    cache_sh = jax.tree.map(lambda a: NamedSharding(mesh, cache_spec(mesh, num_kv_heads, a.ndim)), cache)
     state_sh = jax.tree.map(lambda a: NamedSharding(mesh, P(DP, *([None] * (a.ndim - 1)))), state)
     return cache_sh, state_sh

@@ -96,8 +96,8 @@ def run_inspect(model: str, configs: list) -> dict:
         runner = pipe.model.runner
         flat = {path: var for path, var in nnx.to_flat_state(runner.params)}
         info = {name: _describe(flat[path].get_value()) for name, path in PARAMS.items()}
-        info["k_cache"] = _describe(runner.cache[0][0])
-        info["v_cache"] = _describe(runner.cache[-1][1])
+        info["k_cache"] = _describe(runner.cache[0].k)
+        info["v_cache"] = _describe(runner.cache[-1].v)
         # Every parameter of the vision tower, not only the sampled ones: none may be split.
         info["vision_tower_split"] = sorted(
             ".".join(map(str, path)) for path, var in flat.items()

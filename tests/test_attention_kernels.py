@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxvlm import kv_cache
 from jaxvlm.kernels import attention, ragged_decode
 
 
@@ -86,6 +87,81 @@ def test_decode_over_the_first_rows_of_a_bigger_cache(impl):
     poisoned = np.asarray(attend(k.at[2:].set(jnp.nan), v.at[2:].set(jnp.nan)), np.float32)
     np.testing.assert_array_equal(out, poisoned)
     np.testing.assert_allclose(out, _naive(q, k[:2], v[:2], lengths), atol=2e-2)
+
+
+# ----------------------------------------------------------------------------------- int8 cache (quant_policy=8)
+
+
+def test_quantize_round_trip():
+    x = jax.random.normal(jax.random.key(7), (3, 2, 50, 64), jnp.float32) * 3
+    x = x.at[0, 0, 0].set(0.0)  # an all-zero vector stays zero (no division by a zero scale)
+    values, scales = kv_cache.quantize(x)
+    assert values.dtype == jnp.int8 and scales.shape == x.shape[:-1]
+    assert int(jnp.abs(values.astype(jnp.int32)).max()) == 127
+    back = np.asarray(values, np.float32) * np.asarray(scales)[..., None]
+    # round to nearest: each element within half a step of its vector's scale
+    assert np.all(np.abs(back - np.asarray(x)) <= np.asarray(scales)[..., None] / 2 + 1e-6)
+    assert np.all(back[0, 0, 0] == 0)
+
+
+def _int8_cache(k, v):
+    (kq, ks), (vq, vs) = kv_cache.quantize(k), kv_cache.quantize(v)
+    dequantized = lambda q, s: q.astype(jnp.float32) * s[..., None]
+    return kq, vq, ks, vs, dequantized(kq, ks), dequantized(vq, vs)
+
+
+def test_decode_int8_xla_is_attention_over_the_dequantized_cache():
+    """Scales applied to the scores and the probabilities equal attention over the dequantized cache."""
+    q, k, v = _qkv(8)
+    kq, vq, ks, vs, k_deq, v_deq = _int8_cache(k, v)
+    lengths = jnp.asarray([1, 100, 256])
+    with jax.default_matmul_precision("highest"):
+        out = attention.decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs, impl="xla")
+    np.testing.assert_allclose(np.asarray(out), _naive(q, k_deq, v_deq, lengths), atol=1e-5)
+    # and the int8 error against the unquantized cache stays at the quantization step's scale
+    np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, lengths), atol=0.05)
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=["default", "split64", "split32"])
+def test_decode_int8_pallas_matches_xla(tiling):
+    """The ragged kernel over an int8 cache (bf16 queries) against the XLA path, including an idle slot."""
+    q, k, v = _qkv(9, s=4, h=8, kvh=4, t=256, d=64)
+    q = q.astype(jnp.bfloat16)
+    kq, vq, ks, vs, _, _ = _int8_cache(k, v)
+    lengths = jnp.asarray([256, 64, 1, 0])
+    ref = attention.decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs, impl="xla")
+    out = ragged_decode.ragged_decode_attention(q, kq, vq, lengths, ks, vs, tiling=tiling,
+                                                interpret=jax.default_backend() != "gpu")
+    np.testing.assert_allclose(np.asarray(out[:3], np.float32), np.asarray(ref[:3], np.float32), atol=2e-2)
+    assert np.all(np.asarray(out[3], np.float32) == 0)
+
+
+def test_cache_writes_quantize_and_keep_other_slots():
+    """write_prompt / write_tokens on an int8 cache store quantized values and scales in place."""
+    from jaxvlm.model_config import TextConfig
+
+    cfg = TextConfig(vocab_size=10, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                     num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+                     max_position_embeddings=64)
+    layer = kv_cache.init_cache(cfg, 3, 16, jnp.int8)[0]
+    assert layer.quantized and layer.k.dtype == jnp.int8 and layer.k_scale.shape == (3, 2, 16)
+    k = jax.random.normal(jax.random.key(1), (1, 2, 5, 8))
+    layer = layer.write_prompt(jnp.int32(1), k, -k)
+    kq, ks = kv_cache.quantize(k[0])
+    np.testing.assert_array_equal(np.asarray(layer.k[1, :, :5]), np.asarray(kq))
+    np.testing.assert_array_equal(np.asarray(layer.v[1, :, :5]), -np.asarray(kq))
+    np.testing.assert_array_equal(np.asarray(layer.k_scale[1, :, :5]), np.asarray(ks))
+    token = jax.random.normal(jax.random.key(2), (2, 2, 8))
+    layer = layer.write_tokens(jnp.asarray([3, 5]), token, token)
+    tq, ts = kv_cache.quantize(token)
+    np.testing.assert_array_equal(np.asarray(layer.k[0, :, 3]), np.asarray(tq[0]))
+    np.testing.assert_array_equal(np.asarray(layer.k[1, :, 5]), np.asarray(tq[1]))
+    np.testing.assert_array_equal(np.asarray(layer.v_scale[1, :, 5]), np.asarray(ts[1]))
+    np.testing.assert_array_equal(np.asarray(layer.k[1, :, :5]), np.asarray(kq))  # the prompt is untouched
+    assert not np.any(np.asarray(layer.k[2]))  # and so is the third slot
+    expected = 2 * 1 * 2 * (8 + 4)  # k and v, one layer, two heads: 8 int8 values and a float32 scale each
+    assert kv_cache.bytes_per_token(cfg, jnp.int8) == expected
+    assert kv_cache.bytes_per_token(cfg, jnp.bfloat16) == 2 * 1 * 2 * 8 * 2
 
 
 def test_decode_xla_reads_only_the_bucket():

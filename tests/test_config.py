@@ -159,14 +159,13 @@ def test_engine_config_rejects_bad_values_naming_the_field(field_name, value):
 
 def test_lmdeploy_only_fields_warn_and_are_not_acted_on():
     with pytest.warns(UserWarning) as record:
-        cfg = TurbomindEngineConfig(tp=1, session_len=2048, quant_policy=0, cache_block_seq_len=64,
-                                    enable_prefix_caching=True)
+        cfg = TurbomindEngineConfig(tp=1, session_len=2048, cache_block_seq_len=64, enable_prefix_caching=True)
     message = " ".join(str(w.message) for w in record)
-    for name in ("quant_policy", "cache_block_seq_len", "enable_prefix_caching"):
+    for name in ("cache_block_seq_len", "enable_prefix_caching"):
         assert name in message
     assert cfg.session_len == 2048
-    assert cfg.ignored_fields == {"quant_policy": 0, "cache_block_seq_len": 64, "enable_prefix_caching": True}
-    assert not hasattr(cfg, "quant_policy")
+    assert cfg.ignored_fields == {"cache_block_seq_len": 64, "enable_prefix_caching": True}
+    assert not hasattr(cfg, "cache_block_seq_len")
     # a config with ignored fields equals one without: they change nothing
     assert cfg == EngineConfig(session_len=2048)
     with pytest.warns(UserWarning, match="block_size"):
@@ -229,3 +228,13 @@ def test_response_fields_repr_and_extend():
 def test_config_module_does_not_import_jax():
     code = "import sys, jaxvlm.config; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_quant_policy_is_lmdeploys_kv_quantization():
+    assert EngineConfig().quant_policy == 0
+    assert TurbomindEngineConfig(quant_policy=8).quant_policy == 8
+    with pytest.warns(UserWarning, match="int4"):  # not implemented: the nearest, int8, with a warning
+        assert EngineConfig(quant_policy=4).quant_policy == 8
+    for bad in (1, 16, "8", 8.0, True):
+        with pytest.raises(ValueError, match="quant_policy"):
+            EngineConfig(quant_policy=bad)

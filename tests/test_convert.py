@@ -30,7 +30,8 @@ import convert
 from convert import convert_checkpoint
 from jaxvlm import converted_checkpoint, params, sharding
 from jaxvlm.model_config import ConfigError
-from jaxvlm.modeling import NEWLINE, Llava, init_cache
+from jaxvlm.kv_cache import init_cache
+from jaxvlm.modeling import NEWLINE, Llava
 
 REPO = Path(__file__).resolve().parents[1]
 # llava-hf key layouts (same weights) plus NeXT and both original formats.

@@ -15,7 +15,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-from jaxvlm.image_processing import CLIP_VIT_L_336_PREPROCESSOR, ImageProcessor, ProcessedImage
+from jaxvlm.image_processing import CLIP_VIT_L_336_PREPROCESSOR, ImageProcessor, ProcessedImage, _resize
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -280,3 +280,13 @@ def test_errors():
         ImageProcessor.from_hf(HF_CONFIGS["clip-tiny"])(np.zeros((4, 4, 3), np.uint8))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="multiple of the tile size"):
         ImageProcessor.from_hf(_tiny("LlavaNextImageProcessor", 32, image_grid_pinpoints=[[30, 60]]))(_image(9, 9))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 90), st.integers(1, 90), st.integers(1, 120), st.integers(1, 120),
+       st.sampled_from([Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS]))
+def test_channel_split_resize_is_pils_rgb_resize(width, height, out_width, out_height, resample):
+    """`_resize` runs one task per channel; PIL's RGB resize is the reference, bit for bit."""
+    rgb = np.asarray(_image(width, height))
+    expected = np.asarray(Image.fromarray(rgb).resize((out_width, out_height), resample=resample))
+    np.testing.assert_array_equal(_resize(rgb, (out_height, out_width), int(resample)), expected)

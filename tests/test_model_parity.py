@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from jaxvlm import anyres
 from jaxvlm.config import GenerationConfig
 from jaxvlm.engine import Engine
-from jaxvlm.modeling import NEWLINE, init_cache
+from jaxvlm.kv_cache import init_cache
+from jaxvlm.modeling import NEWLINE
 from jaxvlm.params import inspect_checkpoint, load_model
 from jaxvlm.runner import ModelRunner
 from jaxvlm.scheduler import EngineRequest, ImageInput
@@ -141,6 +142,6 @@ def test_prefill_logits_at_the_last_tokens_equal_the_full_prefill(llava15_hf_gqa
     logits, cache = model.prefill(tokens, None, no_image, init_cache(cfg.text, 2, 24, jnp.float32), slots, last)
     expected = model.language_model.logits(hidden[jnp.arange(2), last])
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5, rtol=0)
-    for (k, v), (k_full, v_full) in zip(cache, full_cache):
-        np.testing.assert_array_equal(np.asarray(k), np.asarray(k_full))
-        np.testing.assert_array_equal(np.asarray(v), np.asarray(v_full))
+    for layer, full in zip(cache, full_cache):
+        np.testing.assert_array_equal(np.asarray(layer.k), np.asarray(full.k))
+        np.testing.assert_array_equal(np.asarray(layer.v), np.asarray(full.v))

@@ -45,13 +45,17 @@ def default_tiling(num_slots: int, num_kv_heads: int, max_len: int) -> Tiling:
     return Tiling(block_k=min(64, chunk), chunk=chunk)
 
 
-def supported(max_len: int, dtype) -> bool:
-    """16-bit caches whose length splits into 16-key blocks (f32 dots would run in TF32 on the GPU)."""
-    return max_len % 16 == 0 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+def supported(max_len: int, query_dtype, cache_dtype) -> bool:
+    """16-bit queries (f32 dots would run in TF32 on the GPU) over a cache of the same dtype or int8, whose
+    length splits into 16-key blocks."""
+    sixteen = jnp.dtype(query_dtype) in (jnp.bfloat16, jnp.float16)
+    return max_len % 16 == 0 and sixteen and jnp.dtype(cache_dtype) in (jnp.dtype(query_dtype), jnp.int8)
 
 
-def _kernel(len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k: int, chunk: int, rows: int,
-            scale: float):
+def _kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k: int, chunk: int, rows: int, scale: float,
+            quantized: bool):
+    """refs: (k_scale, v_scale,) for an int8 cache, then the outputs acc, m, l."""
+    ks_ref, vs_ref, acc_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
     start = pl.program_id(2) * chunk
     count = jnp.clip(len_ref[0] - start, 0, chunk)  # this split's filled columns
     q = q_ref[...]  # [16, D]
@@ -59,16 +63,19 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k: int
     def body(i, carry):
         m, l, acc = carry
         offset = i * block_k
-        k = k_ref[pl.ds(offset, block_k), :]  # [Bk, D]
-        v = v_ref[pl.ds(offset, block_k), :]
+        k = k_ref[pl.ds(offset, block_k), :].astype(q.dtype)  # [Bk, D]; int8 converts exactly
+        v = v_ref[pl.ds(offset, block_k), :].astype(q.dtype)
         s = pltriton.dot(q, k, trans_b=True) * scale  # [16, Bk] f32
+        if quantized:  # each key's scale multiplies its scores
+            s = s * ks_ref[pl.ds(offset, block_k)][None, :]
         valid = (offset + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)) < count
         s = jnp.where(valid, s, _NEG)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[:, None])
         correction = jnp.exp(m - m_new)
         l = l * correction + p.sum(axis=-1)
-        acc = acc * correction[:, None] + pltriton.dot(p.astype(v.dtype), v)
+        weights = p * vs_ref[pl.ds(offset, block_k)][None, :] if quantized else p  # and each value's, its weight
+        acc = acc * correction[:, None] + pltriton.dot(weights.astype(v.dtype), v)
         return m_new, l, acc
 
     n, d = q.shape
@@ -81,10 +88,11 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k: int
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
-def ragged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
+def ragged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                            k_scale: jax.Array | None = None, v_scale: jax.Array | None = None, *,
                             tiling: Tiling | None = None, interpret: bool = False) -> jax.Array:
     """q [S, H, D]; caches [N, KVH, T, D] with N >= S; lengths [S] -> [S, H, D]. Only keys < lengths[s] of slots
-    s < S are read; a slot of length 0 gives zeros."""
+    s < S are read; a slot of length 0 gives zeros. An int8 cache comes with its scales [N, KVH, T]."""
     s, h, d = q.shape
     kvh, t = k_cache.shape[1], k_cache.shape[2]
     g = h // kvh
@@ -96,14 +104,19 @@ def ragged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
     splits = t // tiling.chunk
     qg = jnp.pad(q.reshape(s, kvh, g, d), ((0, 0), (0, 0), (0, _ROWS - g), (0, 0)))
     partial_shape = lambda *tail: jax.ShapeDtypeStruct((s, kvh, splits, _ROWS, *tail), jnp.float32)
+    quantized = k_scale is not None
+    cache_block = pl.BlockSpec((None, None, tiling.chunk, d), lambda i, j, c: (i, j, c, 0))
+    scale_block = pl.BlockSpec((None, None, tiling.chunk), lambda i, j, c: (i, j, c))
     acc, m, l = pl.pallas_call(
-        functools.partial(_kernel, block_k=tiling.block_k, chunk=tiling.chunk, rows=g, scale=1.0 / math.sqrt(d)),
+        functools.partial(_kernel, block_k=tiling.block_k, chunk=tiling.chunk, rows=g, scale=1.0 / math.sqrt(d),
+                          quantized=quantized),
         grid=(s, kvh, splits),
         in_specs=[
             pl.BlockSpec((1,), lambda i, j, c: (i,)),
             pl.BlockSpec((None, None, _ROWS, d), lambda i, j, c: (i, j, 0, 0)),
-            pl.BlockSpec((None, None, tiling.chunk, d), lambda i, j, c: (i, j, c, 0)),
-            pl.BlockSpec((None, None, tiling.chunk, d), lambda i, j, c: (i, j, c, 0)),
+            cache_block,
+            cache_block,
+            *([scale_block, scale_block] if quantized else []),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, _ROWS, d), lambda i, j, c: (i, j, c, 0, 0)),
@@ -114,7 +127,7 @@ def ragged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
         compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name="ragged_decode_attention",
-    )(lengths.astype(jnp.int32), qg, k_cache, v_cache)
+    )(lengths.astype(jnp.int32), qg, k_cache, v_cache, *([k_scale, v_scale] if quantized else []))
     acc, m, l = acc[..., :g, :], m[..., :g], l[..., :g]
     # Merge the splits: rescale each to the common max, then normalise once.
     weight = jnp.exp(m - m.max(axis=2, keepdims=True))  # [S, KVH, splits, G]; 0 for empty splits
