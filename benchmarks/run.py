@@ -504,7 +504,8 @@ def _jaxvlm_step(s: Settings, step: dict, cache_dir: str | None, rec: Recorder) 
     version, tasks = step["version"], step["tasks"]
     t0 = time.perf_counter()
     pipe = jaxvlm.pipeline(s.model_path(version), backend_config=EngineConfig(
-        session_len=step["session_len"], max_batch_size=step["max_batch_size"], compilation_cache_dir=cache_dir))
+        session_len=step["session_len"], max_batch_size=step["max_batch_size"], compilation_cache_dir=cache_dir,
+        quant_policy=step.get("quant_policy", 0)))
     rec.put("load_s", time.perf_counter() - t0)
     runner = pipe.engine.runner
     rec.put("slots", runner.buckets.num_slots)
@@ -723,6 +724,10 @@ def plan_phases(s: Settings, args: argparse.Namespace, scratch: Path) -> list[Ph
             # The cold start's engine settings and first request, now with the cache that process left.
             Phase("jaxvlm-warm-start", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="1.5-latency",
                                                                           tasks=["first"])]), 150 if big else 120),
+            # The same offline runs with LMDeploy's int8 KV cache (quant_policy=8): twice the slots fit.
+            Phase("jaxvlm-int8", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="offline", tasks=["throughput"],
+                                                                    max_batch_size=max(s.counts), quant_policy=8)]),
+                  240 if big else 120),
         ]
     if args.only in (None, "transformers"):
         phases.append(Phase("transformers", "transformers", dict(transformers, steps=torch_steps),
@@ -915,6 +920,8 @@ def row_labels(s: Settings) -> dict[str, str]:
     }
     for n in s.counts:
         labels[f"offline_tok_s_{n}"] = f"offline output tok/s, {n} requests"
+    for n in s.counts:
+        labels[f"offline_tok_s_{n}_int8"] = f"  same, int8 KV cache, {n} requests"
     labels.update({
         "warmup_s": "compile/warm-up s",
         "start_to_first_answer_s_cold": "start -> first answer s, cold cache",
@@ -975,6 +982,9 @@ def build_table(s: Settings, results: dict, status: list[dict]) -> tuple[dict, d
             "ttft_ms_llava15_336": value(phase, f"{lat15}/ttft_ms"),
             "ttft_ms_llava16_640x480": value(phase, f"{lat16}/ttft_ms"),
             **{f"offline_tok_s_{n}": value(phase, f"{offline}/offline_tok_s_{n}") for n in s.counts},
+            # int8 KV (quant_policy=8) is jaxvlm's; the transformers rows compare its default cache only.
+            **{f"offline_tok_s_{n}_int8": value("jaxvlm-int8", f"offline/offline_tok_s_{n}") if system == "jaxvlm"
+               else "n/a" for n in s.counts},
             "warmup_s": sum(warmups) if warmups else value(phase, f"{lat15}/warmup_s"),
             "start_to_first_answer_s_cold": value(phase, f"{lat15}/first_answer_s"),
             # Eager transformers compiles nothing, so there is no cache to warm: one start serves both rows.

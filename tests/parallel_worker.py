@@ -6,7 +6,7 @@ It prints one line `RESULT <json>` on stdout; everything else (logs, warnings) m
 
 Modes:
   tokens MODEL --devices N --configs '[[tp, dp], ...]'
-      greedy tokens of PROMPTS for each (tp, dp) -> {"tp,dp": [[ids], ...]}
+      greedy tokens of PROMPTS for each (tp, dp), or (tp, dp, quant_policy) -> {"tp,dp[,q]": [[ids], ...]}
   inspect MODEL --devices N --configs '[[tp, dp], ...]'
       sharding of the big weights and of the KV cache per config, or the ValueError a config raises
   multihost MODEL --devices N --configs '[[tp, dp], ...]' --coordinator HOST:PORT --num-processes P --process-id I
@@ -51,10 +51,11 @@ def run_tokens(model: str, configs: list, **extra) -> dict:
     gen = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     batch = prompts()
     out = {}
-    for tp, dp in configs:
-        with make_pipeline(model, tp, dp, **extra) as pipe:
+    for config in configs:  # [tp, dp] or [tp, dp, quant_policy]
+        tp, dp, *quant = config
+        with make_pipeline(model, tp, dp, quant_policy=quant[0] if quant else 0, **extra) as pipe:
             responses = pipe(batch, gen_config=gen)
-        out[f"{tp},{dp}"] = [r.token_ids for r in responses]
+        out[",".join(map(str, config))] = [r.token_ids for r in responses]
     return out
 
 
@@ -98,6 +99,9 @@ def run_inspect(model: str, configs: list) -> dict:
         info = {name: _describe(flat[path].get_value()) for name, path in PARAMS.items()}
         info["k_cache"] = _describe(runner.cache[0].k)
         info["v_cache"] = _describe(runner.cache[-1].v)
+        if tp * dp > 1:  # an int8 cache's scales split like the cache
+            with make_pipeline(model, tp, dp, quant_policy=8) as quantized:
+                info["k_scale"] = _describe(quantized.model.runner.cache[0].k_scale)
         # Every parameter of the vision tower, not only the sampled ones: none may be split.
         info["vision_tower_split"] = sorted(
             ".".join(map(str, path)) for path, var in flat.items()

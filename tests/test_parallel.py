@@ -89,13 +89,13 @@ def _run(mode: str, model: Path, configs: list, devices: int = DEVICES) -> dict:
     return _result(proc.stdout, proc.stderr)
 
 
-def _layouts(result: dict) -> dict[tuple[int, int], list]:
+def _layouts(result: dict) -> dict[tuple[int, ...], list]:
     return {tuple(map(int, key.split(","))): ids for key, ids in result.items()}
 
 
 ALL = [(1, 1), (2, 1), (4, 1), (8, 1), (2, 2)]
 LAYOUTS = {  # fixture -> the (tp, dp) layouts it runs; the longest jobs first (two run at a time)
-    "llava15_hf_h8": ALL,  # MHA, LLaVA-1.5
+    "llava15_hf_h8": ALL + [(1, 1, 8), (2, 2, 8)],  # MHA, LLaVA-1.5; the last two with an int8 KV cache
     "llava_next_hf_h8_kv2": ALL,  # GQA, LLaVA-NeXT; tp 4 and 8 exceed its 2 KV heads, which are replicated
     "llava_next_hf": [(1, 1), (4, 1)],  # MHA, LLaVA-NeXT (4 heads: no tp=8)
     "llava15_hf_gqa": [(1, 1), (2, 1)],  # GQA, LLaVA-1.5 (2 KV heads, one per device)
@@ -138,11 +138,11 @@ def jobs(request):
 def test_every_layout_gives_the_same_greedy_tokens(jobs, name):
     runs = _layouts(jobs[("tokens", name)].result())
     assert set(runs) == set(LAYOUTS[name])
-    reference = runs[(1, 1)]
-    assert [len(ids) for ids in reference] == [parallel_worker.NEW_TOKENS] * len(parallel_worker.prompts())
-    assert reference[0] != reference[1]  # the two prompts are told apart: the images reach the decoder
-    for (tp, dp), ids in runs.items():
-        assert ids == reference, f"tp={tp} dp={dp} differs from tp=1"
+    for layout, ids in runs.items():  # each against tp=1 dp=1 with the same cache (int8: quant_policy=8)
+        reference = runs[(1, 1, *layout[2:])]
+        assert [len(r) for r in reference] == [parallel_worker.NEW_TOKENS] * len(parallel_worker.prompts())
+        assert reference[0] != reference[1]  # the two prompts are told apart: the images reach the decoder
+        assert ids == reference, f"layout (tp, dp[, quant_policy]) {layout} differs from tp=1 dp=1"
 
 
 # ---------------------------------------------------------------------------------------------- sharding
@@ -184,6 +184,7 @@ def test_weights_and_cache_are_split(jobs):
     assert check(m, "qkv_proj", [None, "model", None, None], (d, 2, 3, hd), 4, 2) == 4
     assert check(m, "down_proj", ["model", None], (f // 4, d), 4, 2) == 4
     assert check(m, "k_cache", ["data", "model", None, None], (slots // 2, 2, length, hd), 4, 2) == 8
+    assert check(m, "k_scale", ["data", "model", None], (slots // 2, 2, length), 4, 2) == 8  # int8 cache scales
     assert check(m, "vision_fc1", [None, None], (32, 80), 4, 2) == 1
     assert m["vision_tower_split"] == []
 
