@@ -4,13 +4,14 @@ Runs on random 7B-shaped weights made on the device (as `decode_probe.py`). For 
 line: kernels per call, the summed kernel time and the span from the first kernel's start to the last one's
 end (the difference is idle gaps between kernels), and the ops that take the most time.
 
-    python benchmarks/step_profile.py [--cases decode1,decode64,decode64xla,prefill2560,vision5]
+    python benchmarks/step_profile.py [--cases decode1,decode64,decode64xla,decode64-full-int8,prefill2560,vision5]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import glob
 import json
 import re
@@ -85,15 +86,20 @@ def main() -> None:
     tc = model.config.text
     rng = np.random.default_rng(0)
     for case in cases:
-        if case.startswith("decode"):  # "decode<slots>"; "decode<slots>xla": XLA's decode attention
-            slots = int(case.removeprefix("decode").removesuffix("xla"))
+        if case.startswith("decode"):
+            # "decode<slots>[-xla][-full][-int8]": XLA's decode attention; every slot running (else only slot 0,
+            # while the step still computes all `slots` rows); an int8 cache. Sequences are 700 tokens long.
+            size, *flags = case.removeprefix("decode").split("-")
+            slots = int(size.removesuffix("xla"))
             runner = call = None  # the previous case's cache is freed before this one's is made
-            runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=jnp.bfloat16)
-            if case.endswith("xla"):
+            gc.collect()  # (the runner's jitted methods hold a reference cycle)
+            runner = ModelRunner(model, num_slots=slots, max_len=1024,
+                                 cache_dtype=jnp.int8 if "int8" in flags else jnp.bfloat16)
+            if size.endswith("xla") or "xla" in flags:
                 runner._attention_impl = "xla"
-            # One running sequence of 700 tokens; the step still computes all `slots` rows (the other slots idle).
-            runner.state.positions = runner.state.positions.at[0].set(700)
-            runner.state.active = runner.state.active.at[0].set(True)
+            running = slots if "full" in flags else 1
+            runner.state.positions = jnp.where(jnp.arange(slots) < running, 700, 0).astype(jnp.int32)
+            runner.state.active = jnp.arange(slots) < running
             call = lambda: runner.decode(701, slots, greedy_only=True, num_logprobs=0).tokens
         elif case.startswith("prefill"):
             length = int(case.removeprefix("prefill"))
