@@ -6,9 +6,13 @@ softmax; a split that starts past the length (or a slot of length 0, an idle one
 sequence keeps the GPU busy when few slots are running. The per-split partial results (unnormalised sums,
 running max, denominator) are merged in XLA.
 
-The query heads that share a KV head (1 for LLaVA's MHA models, up to 4 with GQA) are padded to 16 rows so
-scores and the weighted sum run on the matrix units (Triton's dots need 16 rows); only the real rows are
-stored. Measured on an H100 against a broadcast-multiply-sum formulation, the dots were 1.3-1.8x faster.
+The query heads that share a KV head (1 for LLaVA's MHA models, up to 4 with GQA) fill 16 rows so scores and
+the weighted sum run on the matrix units (Triton's dots need 16 rows): a single head is repeated inside the
+kernel, a group is zero-padded; only the real rows are stored. Measured on an H100 against a
+broadcast-multiply-sum formulation, the dots were 1.3-1.8x faster.
+
+An int8 cache (`kv_cache.py`) is read as int8, converted exactly to the query's dtype for the dots, with its
+per-key scales multiplying the scores and the probabilities.
 """
 
 from __future__ import annotations
