@@ -35,20 +35,18 @@ class LayerCache:
     def write_prompt(self, slot: jax.Array, k: jax.Array, v: jax.Array) -> LayerCache:
         """k, v [1, kv_heads, L, head_dim]: a whole prompt into `slot`, positions 0..L-1 (in place)."""
         start = (slot, 0, 0, 0)
-        if not self.quantized:
-            write = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
-            return LayerCache(write(self.k, k), write(self.v, v))
-        (kq, ks), (vq, vs) = quantize(k), quantize(v)
-        return LayerCache(jax.lax.dynamic_update_slice(self.k, kq, start),
-                          jax.lax.dynamic_update_slice(self.v, vq, start),
-                          jax.lax.dynamic_update_slice(self.k_scale, ks, start[:3]),
-                          jax.lax.dynamic_update_slice(self.v_scale, vs, start[:3]))
+        put = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start[: cache.ndim])
+        return self._write(put, k, v)
 
     def write_tokens(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> LayerCache:
         """k, v [S, kv_heads, head_dim]: one token for each of slots 0..S-1, at `positions` [S] (out-of-range
         positions are dropped)."""
         slot = jnp.arange(k.shape[0])
         put = lambda cache, new: cache.at[slot, :, positions].set(new.astype(cache.dtype), mode="drop")
+        return self._write(put, k, v)
+
+    def _write(self, put, k: jax.Array, v: jax.Array) -> LayerCache:
+        """`put(array, new)` for each stored array: k and v, or (int8) their values and then their scales."""
         if not self.quantized:
             return LayerCache(put(self.k, k), put(self.v, v))
         (kq, ks), (vq, vs) = quantize(k), quantize(v)
@@ -71,9 +69,8 @@ def init_cache(cfg: TextConfig, num_slots: int, max_len: int, dtype) -> KVCache:
     shape = (num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
     if jnp.dtype(dtype) != jnp.int8:
         return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
-    zeros = lambda s, d: jnp.zeros(s, d)  # distinct buffers: each is donated
-    return [LayerCache(zeros(shape, jnp.int8), zeros(shape, jnp.int8), zeros(shape[:3], jnp.float32),
-                       zeros(shape[:3], jnp.float32)) for _ in range(cfg.num_layers)]
+    return [LayerCache(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:3], jnp.float32),
+                       jnp.zeros(shape[:3], jnp.float32)) for _ in range(cfg.num_layers)]
 
 
 def bytes_per_token(cfg: TextConfig, dtype) -> int:
