@@ -31,6 +31,8 @@ OPTION_SETS: dict[str, dict] = {
     "block_rewriter": {"xla_gpu_experimental_enable_fusion_block_level_rewriter": True},
     "generic_triton": {"xla_gpu_unsupported_enable_generic_triton_emitter_for_gemms": True},
     "heroless": {"xla_gpu_experimental_enable_triton_heroless_priority_fusion": True},
+    "pdl": {"xla_gpu_enable_pdl": True},
+    "pdl_launch": {"xla_gpu_enable_pdl": True, "xla_gpu_enable_pdl_launch": True},
 }
 
 

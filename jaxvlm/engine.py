@@ -164,6 +164,16 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- loop
 
+    def _queue_depth(self, sched: Scheduler) -> int:
+        """Waiting requests that fill the next prefill group: its rows at the longest waiting prompt's length
+        (one request when none waits), at most the free slots."""
+        buckets = self.runner.buckets
+        free = len(sched.free_slots)
+        if not sched.waiting or not free:
+            return 1
+        length = buckets.prefill_length(max(s.prompt_len for s in sched.waiting))
+        return min(free, buckets.prefill_batch(free, length))
+
     def generate(self, requests: Iterable[EngineRequest]) -> Iterator[Event]:
         """Runs requests to completion, yielding token events as results arrive (requests stream in lazily)."""
         r = self.runner
@@ -173,8 +183,9 @@ class Engine:
         exhausted = False
         pending: collections.deque = collections.deque()
         while True:
-            # Keep the queue just deep enough to fill free slots, so huge inputs are never held whole.
-            while not exhausted and len(sched.waiting) < max(1, len(sched.free_slots)):
+            # Keep the queue just deep enough for the next prefill group: huge inputs are never held whole, and
+            # the first prefill starts as soon as its own requests are prepared, not the whole batch's.
+            while not exhausted and len(sched.waiting) < self._queue_depth(sched):
                 req = next(incoming, None)
                 if req is None:
                     exhausted = True

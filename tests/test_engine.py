@@ -215,6 +215,33 @@ def test_lone_and_shrinking_batches_decode_few_rows(llava15_hf):
     assert {key[1] for key in pipe.model.runner.compiled if key[0] == "decode"} == {1, 4, 16}
 
 
+def test_first_prefill_waits_only_for_its_own_requests(llava15_hf):
+    """The engine pulls requests (each prepared on the host: images, template, tokens) only as deep as the next
+    prefill group: the first prefill starts once its own requests are ready, not after the whole batch is."""
+    pipe = _make(llava15_hf, max_batch_size=8, session_len=128, max_prefill_token_num=128)
+    gen = GenerationConfig(max_new_tokens=3, ignore_eos=True)
+    convs = [normalize_prompt(p) for p in _prompts(12) if isinstance(p, str)]  # text only: 64-token prefills
+    pulled, at_prefill = [], []
+
+    def requests():
+        for i, conv in enumerate(convs):
+            pulled.append(i)
+            yield pipe.processor.make_request(i, conv, gen)
+
+    runner = pipe.model.runner
+    prefill = runner.prefill
+    runner.prefill = lambda *a, **k: (at_prefill.append(len(pulled)), prefill(*a, **k))[1]
+    try:
+        events = list(pipe.engine.generate(requests()))
+    finally:
+        del runner.prefill
+    lengths = [len(pipe.processor.make_request(0, c, gen).token_ids) for c in convs]
+    assert 32 < max(lengths) <= 64
+    assert at_prefill[0] == 2 < len(convs)  # 128 tokens hold two 64-token prompts
+    assert sorted(e.seq.request.index for e in events if e.finished) == list(range(len(convs)))
+    assert all(len(e.seq.output_ids) == 3 for e in events if e.finished)
+
+
 def test_uint8_tiles_normalized_on_the_device_equal_the_host_pixels(llava_next_hf):
     """The processor hands the engine uint8 tiles and its value table; the device gather gives the vision
     tower exactly the float pixels that the host normalization (and transformers) gives."""
