@@ -67,6 +67,8 @@ def device_timeline(logdir: str) -> dict:
     data = jax.profiler.ProfileData.from_file(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0])
     modules: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
     kernels = []
+    by_module: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])  # kernels, ms
+    stat_names: set[str] = set()
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -77,7 +79,13 @@ def device_timeline(logdir: str) -> dict:
                     modules[name][0] += 1
                     modules[name][1] += ev.duration_ns / 1e6
             elif "stream" in line.name.lower():
-                kernels += [(ev.start_ns, ev.start_ns + ev.duration_ns) for ev in line.events]
+                for ev in line.events:
+                    kernels.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+                    stats = dict(ev.stats)
+                    stat_names.update(stats)
+                    module = str(stats.get("hlo_module", "?")).split("(")[0]
+                    by_module[module][0] += 1
+                    by_module[module][1] += ev.duration_ns / 1e6
     kernels.sort()
     busy, gaps, end = 0.0, [], None
     for s, e in kernels:
@@ -93,6 +101,9 @@ def device_timeline(logdir: str) -> dict:
         "idle_ms": {f"gaps>{t}ms": round(float(gaps[gaps > t].sum()), 1) for t in (0.05, 0.5, 2, 10)},
         "largest_gaps_ms": [round(float(g), 2) for g in np.sort(gaps)[-8:][::-1]],
         "modules": {k: {"runs": n, "ms": round(ms, 1)} for k, (n, ms) in sorted(modules.items(), key=lambda kv: -kv[1][1])},
+        "kernel_ms_by_module": {k: {"kernels": n, "ms": round(ms, 1)}
+                                for k, (n, ms) in sorted(by_module.items(), key=lambda kv: -kv[1][1])},
+        "kernel_stats": sorted(stat_names),
     }
 
 

@@ -4,7 +4,7 @@ Runs on random 7B-shaped weights made on the device (as `decode_probe.py`). For 
 line: kernels per call, the summed kernel time and the span from the first kernel's start to the last one's
 end (the difference is idle gaps between kernels), and the ops that take the most time.
 
-    python benchmarks/step_profile.py [--cases decode1,decode64,decode64xla,decode64-full-int8,prefill2560,vision5]
+    python benchmarks/step_profile.py [--cases decode1,decode64,decode64xla,decode64-full-int8,prefill2560,engineprefill8x704-int8,vision5]
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ import numpy as np
 from decode_probe import LLAVA_15_7B, bare_steps, random_model  # sibling scripts: benchmarks/ is on sys.path
 from jaxvlm.model_config import llava_config_from_hf
 from jaxvlm.kv_cache import init_cache
-from jaxvlm.runner import ModelRunner
+from jaxvlm import sampling
+from jaxvlm.config import GenerationConfig
+from jaxvlm.engine import _stack_params
+from jaxvlm.runner import ModelRunner, PrefillBatch
 
 
 def kernel_breakdown(call, calls: int = 5, top: int = 30, device_plane: str = "/device:GPU",
@@ -101,6 +104,23 @@ def main() -> None:
             runner.state.positions = jnp.where(jnp.arange(slots) < running, 700, 0).astype(jnp.int32)
             runner.state.active = jnp.arange(slots) < running
             call = lambda: runner.decode(701, slots, greedy_only=True, num_logprobs=0).tokens
+        elif case.startswith("engineprefill"):
+            # "engineprefill<rows>x<length>[-int8]": the runner's prefill (sampling, cache writes) of `rows`
+            # text prompts, as the offline run's groups (8 x 704 for llava-1.5's 655-token prompts)
+            shape, *flags = case.removeprefix("engineprefill").split("-")
+            rows, length = map(int, shape.split("x"))
+            runner = call = None
+            gc.collect()
+            runner = ModelRunner(model, num_slots=rows, max_len=1024,
+                                 cache_dtype=jnp.int8 if "int8" in flags else jnp.bfloat16)
+            params = sampling.SlotParams.from_generation_config(GenerationConfig(), stop_ids=[], bad_ids=[])
+            batch = PrefillBatch(
+                tokens=rng.integers(3, 32000, (rows, length)).astype(np.int32),
+                feature_index=np.full((rows, length), -1, np.int32), slots=np.arange(rows, dtype=np.int32),
+                lengths=np.full(rows, length - 49, np.int32), min_new=np.zeros(rows, np.int32),
+                params=_stack_params([params], rows),
+                seen_ids=np.full((rows, length), -1, np.int32))
+            call = lambda: runner.prefill(batch, None, 0).tokens
         elif case.startswith("prefill"):
             length = int(case.removeprefix("prefill"))
             cache = init_cache(tc, 1, length, jnp.bfloat16)
