@@ -5,7 +5,8 @@ call.
 
     python benchmarks/offline_probe.py [--model-dir /tmp/jb] [--requests 64,256] [--quant-policy 8]
 
-It writes the llava-1.5 checkpoint as `run.py` does (transformers + torch on the GPU) unless one is there.
+It writes the llava-1.5 checkpoint as `run.py` does (transformers + torch on the GPU, in a child process) unless
+one is there.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import collections
 import functools
 import glob
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -114,13 +117,17 @@ def main() -> None:
     ap.add_argument("--quant-policy", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--smoke", action="store_true", help="the tiny CPU model of run.py --smoke")
+    ap.add_argument("--checkpoint-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import jaxvlm
     from jaxvlm import EngineConfig, GenerationConfig
 
     s = bench.make_settings(bench.parse_args(
         ["--model-dir", args.model_dir, "--requests", args.requests] + ["--smoke"] * args.smoke))
-    ensure_checkpoint(s)
+    if args.checkpoint_only:
+        return ensure_checkpoint(s)
+    # In a child process: torch's CUDA memory would otherwise shrink the KV cache this process plans.
+    subprocess.run([sys.executable, __file__, "--checkpoint-only", *sys.argv[1:]], check=True)
     texts = bench.load_requests(s)
     pipe = jaxvlm.pipeline(s.model_path("1.5"), backend_config=EngineConfig(
         session_len=s.session_len_15, max_batch_size=max(s.counts), quant_policy=args.quant_policy))

@@ -164,16 +164,6 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- loop
 
-    def _queue_depth(self, sched: Scheduler) -> int:
-        """Waiting requests that fill the next prefill group: its rows at the longest waiting prompt's length
-        (one request when none waits), at most the free slots."""
-        buckets = self.runner.buckets
-        free = len(sched.free_slots)
-        if not sched.waiting or not free:
-            return 1
-        length = buckets.prefill_length(max(s.prompt_len for s in sched.waiting))
-        return min(free, buckets.prefill_batch(free, length))
-
     def generate(self, requests: Iterable[EngineRequest]) -> Iterator[Event]:
         """Runs requests to completion, yielding token events as results arrive (requests stream in lazily)."""
         r = self.runner
@@ -183,9 +173,11 @@ class Engine:
         exhausted = False
         pending: collections.deque = collections.deque()
         while True:
-            # Keep the queue just deep enough for the next prefill group: huge inputs are never held whole, and
-            # the first prefill starts as soon as its own requests are prepared, not the whole batch's.
-            while not exhausted and len(sched.waiting) < self._queue_depth(sched):
+            # Queue requests only until the next prefill group is complete (one more is waiting than it takes, or
+            # it fills the free slots): huge inputs are never held whole, and the first prefill starts as soon
+            # as its own requests are prepared, not the whole batch's.
+            while not exhausted and (not sched.waiting or sched.group_size(r.buckets.prefill_length)
+                                     == len(sched.waiting) < len(sched.free_slots)):
                 req = next(incoming, None)
                 if req is None:
                     exhausted = True

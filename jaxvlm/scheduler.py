@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import heapq
+import itertools
 from collections import deque
 
 import numpy as np
@@ -106,23 +107,27 @@ class Scheduler:
             self.waiting.append(seq)
         return seq
 
-    def admit(self, length_bucket) -> list[Sequence]:
-        """Takes waiting sequences into free slots, as many as one prefill batch holds (FIFO)."""
-        group: list[Sequence] = []
-        longest = tiles = 0
-        while self.waiting and self.free_slots:
-            seq = self.waiting[0]
-            new_longest = max(longest, seq.prompt_len)
-            rows = 1 << len(group).bit_length()  # prefill rows are padded to a power of two
-            cost = length_bucket(new_longest) * rows
-            too_many_tiles = self.max_prefill_tiles is not None and tiles + seq.num_tiles > self.max_prefill_tiles
-            if group and (cost > self.max_prefill_tokens or too_many_tiles):
+    def group_size(self, length_bucket) -> int:
+        """How many waiting sequences (FIFO) the next prefill takes: as many as fit its token budget (rows padded
+        to a power of two, at the longest prompt's bucket), its vision batch and the free slots. The first one always
+        goes (a prompt over the budget runs alone), unless no slot is free."""
+        longest = tiles = n = 0
+        for seq in itertools.islice(self.waiting, len(self.free_slots)):
+            longest = max(longest, seq.prompt_len)
+            rows = 1 << n.bit_length()  # prefill rows are padded to a power of two
+            tiles += seq.num_tiles
+            too_many_tiles = self.max_prefill_tiles is not None and tiles > self.max_prefill_tiles
+            if n and (length_bucket(longest) * rows > self.max_prefill_tokens or too_many_tiles):
                 break
-            self.waiting.popleft()
+            n += 1
+        return n
+
+    def admit(self, length_bucket) -> list[Sequence]:
+        """Takes the next prefill group (`group_size`) from the waiting sequences into free slots."""
+        group = [self.waiting.popleft() for _ in range(self.group_size(length_bucket))]
+        for seq in group:
             seq.slot, seq.status = heapq.heappop(self.free_slots), Status.RUNNING
             self.running[seq.slot] = seq
-            group.append(seq)
-            longest, tiles = new_longest, tiles + seq.num_tiles
         return group
 
     def finish(self, seq: Sequence, reason: str, message: str | None = None) -> None:

@@ -200,6 +200,30 @@ def test_decode_rows_follow_the_highest_running_slot():
     assert [s.slot for s in sched.admit(lambda n: 32)] == [1]
 
 
+def test_prefill_group_size_follows_tokens_tiles_and_free_slots():
+    """A prefill group takes waiting requests in order while the padded rows fit the token budget, their tiles
+    the vision batch, and slots are free; the first always goes, even over the budget."""
+    from jaxvlm.scheduler import EngineRequest, ImageInput, Scheduler
+
+    tile = np.zeros((1, 4, 4, 3), np.uint8)
+    request = lambda length, tiles=0: EngineRequest(
+        0, np.arange(length, dtype=np.int32), [ImageInput(tile, np.arange(1), 0)] * tiles, GenerationConfig())
+    bucket = lambda n: -(-n // 32) * 32
+
+    def group(prompts, slots=8, tokens=128, tiles=None):
+        sched = Scheduler(num_slots=slots, session_len=512, max_prefill_tokens=tokens, max_prefill_tiles=tiles)
+        for p in prompts:
+            sched.add(request(*p))
+        return sched.group_size(bucket)
+
+    assert group([(30,)] * 6) == 4  # four 32-token rows fill 128 tokens
+    assert group([(30,)] * 2 + [(60,)] * 3) == 2  # a longer prompt doubles every row's length
+    assert group([(300,), (30,)]) == 1  # over the budget alone
+    assert group([(30, 2)] * 4, tiles=5) == 2
+    assert group([(30,)] * 6, slots=3) == 3
+    assert group([(30,)] * 6, slots=0) == 0
+
+
 def test_lone_and_shrinking_batches_decode_few_rows(llava15_hf):
     """A lone request in a many-slot engine decodes one row; as a batch's high slots finish, the rows shrink.
     Either way every request gets exactly its tokens alone."""
@@ -216,8 +240,8 @@ def test_lone_and_shrinking_batches_decode_few_rows(llava15_hf):
 
 
 def test_first_prefill_waits_only_for_its_own_requests(llava15_hf):
-    """The engine pulls requests (each prepared on the host: images, template, tokens) only as deep as the next
-    prefill group: the first prefill starts once its own requests are ready, not after the whole batch is."""
+    """The engine pulls requests (each prepared on the host: images, template, tokens) only until the next prefill
+    group is complete: the first prefill starts once its own requests are ready, not after the whole batch is."""
     pipe = _make(llava15_hf, max_batch_size=8, session_len=128, max_prefill_token_num=128)
     gen = GenerationConfig(max_new_tokens=3, ignore_eos=True)
     convs = [normalize_prompt(p) for p in _prompts(12) if isinstance(p, str)]  # text only: 64-token prefills
@@ -237,7 +261,8 @@ def test_first_prefill_waits_only_for_its_own_requests(llava15_hf):
         del runner.prefill
     lengths = [len(pipe.processor.make_request(0, c, gen).token_ids) for c in convs]
     assert 32 < max(lengths) <= 64
-    assert at_prefill[0] == 2 < len(convs)  # 128 tokens hold two 64-token prompts
+    # 128 tokens hold two 64-token prompts: the third one pulled shows that the group is complete
+    assert at_prefill[0] == 3 < len(convs)
     assert sorted(e.seq.request.index for e in events if e.finished) == list(range(len(convs)))
     assert all(len(e.seq.output_ids) == 3 for e in events if e.finished)
 
