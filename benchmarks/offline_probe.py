@@ -15,6 +15,7 @@ import argparse
 import collections
 import functools
 import glob
+import itertools
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import jax
 import numpy as np
 
 import run as bench  # a sibling script: benchmarks/ is on sys.path when this one runs
+from jaxvlm import api
 
 
 def ensure_checkpoint(s: bench.Settings) -> None:
@@ -43,6 +45,7 @@ class HostClock:
         self.calls: dict[str, int] = collections.defaultdict(int)
         self.first: dict[str, float] = {}
         self.wrapped: list[tuple[object, str]] = []
+        self.log: list[tuple[str, float, float]] = []  # (method, start, end)
 
     def wrap(self, obj, name: str) -> None:
         inner = getattr(obj, name)
@@ -56,6 +59,7 @@ class HostClock:
             finally:
                 self.seconds[name] += time.perf_counter() - t
                 self.calls[name] += 1
+                self.log.append((name, t, time.perf_counter()))
 
         setattr(obj, name, timed)
         self.wrapped.append((obj, name))
@@ -117,6 +121,8 @@ def main() -> None:
     ap.add_argument("--quant-policy", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--smoke", action="store_true", help="the tiny CPU model of run.py --smoke")
+    ap.add_argument("--prep", default=f"{api._PREFETCH}x{api._PREP_WORKERS}",
+                    help="comma-separated <requests prepared ahead>x<threads preparing them> to compare")
     ap.add_argument("--checkpoint-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import jaxvlm
@@ -133,7 +139,9 @@ def main() -> None:
         session_len=s.session_len_15, max_batch_size=max(s.counts), quant_policy=args.quant_policy))
     engine, runner = pipe.engine, pipe.engine.runner
     gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True, do_sample=False)
-    for n in s.counts:
+    settings = [tuple(map(int, p.split("x"))) for p in args.prep.split(",")]
+    for n, (prefetch, workers) in itertools.product(s.counts, settings):
+        api._PREFETCH, api._PREP_WORKERS = prefetch, workers
         prompts = [(texts[i], s.image("1.5", seed=i % 8)) for i in range(n)]
         pipe(prompts, gen_config=gen)  # compiles every program the measured run needs
         # A plain timed run with the host clock, then one under the profiler (which slows the host a little).
@@ -141,10 +149,14 @@ def main() -> None:
         for name in ("encode_images", "prefill", "decode", "release"):
             clock.wrap(runner, name)
         clock.wrap(engine, "_process")
+        pulls = []
+        prepare = pipe._requests
+        pipe._requests = lambda *a: (pulls.append(time.perf_counter()) or r for r in prepare(*a))
         t0 = time.perf_counter()
         out = pipe(prompts, gen_config=gen)
         wall = time.perf_counter() - t0
         clock.unwrap()
+        del pipe._requests
         with tempfile.TemporaryDirectory() as logdir:
             jax.profiler.start_trace(logdir)
             t = time.perf_counter()
@@ -154,10 +166,13 @@ def main() -> None:
             timeline = device_timeline(logdir)
         tokens = sum(r.generate_token_len for r in out)
         print(json.dumps({
-            "requests": n, "quant_policy": args.quant_policy, "slots": runner.buckets.num_slots,
+            "requests": n, "prefetch": prefetch, "prep_workers": workers, "quant_policy": args.quant_policy, "slots": runner.buckets.num_slots,
             "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1), "profiled_wall_s": round(profiled_wall, 3),
             "host_s": {k: round(v, 3) for k, v in clock.seconds.items()}, "host_calls": dict(clock.calls),
             "first_prefill_after_ms": round((clock.first["prefill"] - t0) * 1e3, 1),
+            "first_pulls_ms": [round((p - t0) * 1e3, 1) for p in pulls[:12]],
+            # the first host calls: method, start and duration in ms
+            "first_calls": [(name, round((a - t0) * 1e3, 1), round((b - a) * 1e3, 1)) for name, a, b in clock.log[:40]],
             **timeline,
         }), flush=True)
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _LMDEPLOY_PIPELINE_ONLY = {"log_level", "max_log_len", "speculative_config", "model_name", "tokenizer_path"}
 _PREFETCH = 64  # requests prepared ahead of the engine (bounded, so huge batches stream)
+_PREP_WORKERS = 8  # threads preparing them (images load concurrently)
 
 
 @dataclasses.dataclass
@@ -119,7 +120,7 @@ class Pipeline:
         if count == 1:  # nothing to overlap with: a pool would only add a thread start and a handoff
             yield from itertools.starmap(self._prepare, items)
             return
-        with concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="jaxvlm-prep") as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=_PREP_WORKERS, thread_name_prefix="jaxvlm-prep") as pool:
             window: collections.deque = collections.deque()
             for item in items:
                 window.append(pool.submit(self._prepare, *item))
