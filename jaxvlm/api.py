@@ -32,7 +32,10 @@ from jaxvlm.vl import FetchPolicy
 log = logging.getLogger(__name__)
 
 _LMDEPLOY_PIPELINE_ONLY = {"log_level", "max_log_len", "speculative_config", "model_name", "tokenizer_path"}
-_PREFETCH = 64  # requests prepared ahead of the engine (bounded, so huge batches stream)
+# Requests prepared ahead of the engine: enough to keep a couple of prefill groups ready, and no more, since the
+# preparing threads contend for the GIL with the engine's dispatches (64 ahead delayed the first prefill of 64
+# offline requests by 40 ms and cost 3% of their throughput on an H100 host; benchmarks/offline_probe.py).
+_PREFETCH = 16
 _PREP_WORKERS = 8  # threads preparing them (images load concurrently)
 
 
@@ -120,7 +123,7 @@ class Pipeline:
         if count == 1:  # nothing to overlap with: a pool would only add a thread start and a handoff
             yield from itertools.starmap(self._prepare, items)
             return
-        with concurrent.futures.ThreadPoolExecutor(max_workers=_PREP_WORKERS, thread_name_prefix="jaxvlm-prep") as pool:
+        with concurrent.futures.ThreadPoolExecutor(_PREP_WORKERS, thread_name_prefix="jaxvlm-prep") as pool:
             window: collections.deque = collections.deque()
             for item in items:
                 window.append(pool.submit(self._prepare, *item))
