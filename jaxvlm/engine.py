@@ -197,14 +197,15 @@ class Engine:
             # Prefill gives each sequence its first token: only those wanting more need a decode step.
             running = [s for s in sched.running.values() if 1 + s.decode_dispatched < s.max_new_tokens]
             if running:
-                used = 1 + max(s.slot for s in running)
-                owners: list[Sequence | None] = [None] * r.buckets.decode_rows(used)
                 for s in running:
-                    owners[s.slot] = s
                     s.decode_dispatched += 1
                 longest = max(s.prompt_len + s.decode_dispatched for s in running)
                 greedy = not any(s.request.gen_config.do_sample for s in running)
-                pending.append((owners, r.decode(longest, used, greedy, self._num_logprobs(running))))
+                out = r.decode(longest, 1 + max(s.slot for s in running), greedy, self._num_logprobs(running))
+                owners: list[Sequence | None] = [None] * out.tokens.shape[0]  # the rows the step computed
+                for s in running:
+                    owners[s.slot] = s
+                pending.append((owners, out))
                 dispatched = True
             while pending and (len(pending) > 2 or not dispatched):
                 owners, out = pending.popleft()
