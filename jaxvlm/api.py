@@ -25,6 +25,7 @@ from jaxvlm.config import EngineConfig, GenerationConfig, Response, VisionConfig
 from jaxvlm.detokenize import IncrementalDetokenizer
 from jaxvlm.engine import Engine, Event
 from jaxvlm.model_loader import LoadedModel, load
+from jaxvlm.prefix_cache import prompt_keys
 from jaxvlm.prompts import Conversation, normalize_prompt, split_batch
 from jaxvlm.scheduler import EngineRequest
 from jaxvlm.vl import FetchPolicy
@@ -79,7 +80,8 @@ class Pipeline:
         self.model: LoadedModel = load(model_path, self.engine_config, chat_template_config)
         self.processor = self.model.processor
         self.processor.fetch_policy = fetch_policy  # None: jaxvlm.vl.DEFAULT_FETCH_POLICY, read at each load
-        self.engine = Engine(self.model.runner, self.vision_config.max_batch_size, detokenize=self._decode_ids)
+        self.engine = Engine(self.model.runner, self.vision_config.max_batch_size, detokenize=self._decode_ids,
+                             prefix_caching=self.engine_config.enable_prefix_caching)
         self._closed = False
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -113,7 +115,10 @@ class Pipeline:
         try:
             if isinstance(conv, Exception):
                 raise conv
-            return self.processor.make_request(index, conv, gen)
+            request = self.processor.make_request(index, conv, gen)
+            if self.engine.prefix is not None:  # hashing the tiles here keeps it off the engine's thread
+                request.prefix = prompt_keys(request.token_ids, request.images)
+            return request
         except Exception as e:  # noqa: BLE001 - one bad request must not cost the batch
             return EngineRequest(index, np.zeros(0, np.int32), [], gen, error=f"{type(e).__name__}: {e}")
 

@@ -214,7 +214,7 @@ LMDEPLOY_ONLY_ENGINE_FIELDS = frozenset({
     "device_num", "device_type", "devices", "disable_vision_encoder", "dist_init_addr",
     "distributed_executor_backend", "dllm_block_length", "dllm_confidence_threshold", "dllm_denoising_steps",
     "dllm_unmasking_strategy", "dp_rank", "eager_mode", "empty_init", "enable_eplb", "enable_metrics",
-    "enable_microbatch", "enable_mp_engine", "enable_prefix_caching", "enable_return_routed_experts",
+    "enable_microbatch", "enable_mp_engine", "enable_return_routed_experts",
     "enable_transfer_obj_ref", "ep", "eviction_type", "hf_overrides", "kernel_block_size",
     "language_model_only", "logprobs_mode", "max_prefill_iters", "migration_backend", "mlp_dp_size",
     "mlp_tp_size", "model_format", "model_name", "moe_tp_size", "mp_engine_backend", "nnodes", "node_rank",
@@ -257,7 +257,10 @@ class EngineConfig:
     Unlike LMDeploy, ``dtype='float32'`` is allowed and ``cache_max_entry_count=1`` is accepted.
     ``quant_policy`` is LMDeploy's KV-cache quantization: 0 keeps the model's dtype, 8 stores int8 with a scale
     per token and head (twice the sequences in the same memory); 4 (int4) is not implemented and runs as 8,
-    with a warning. Any other LMDeploy engine field (``cache_block_seq_len``, ...) is accepted with a warning
+    with a warning. ``enable_prefix_caching`` (LMDeploy's name and default, off) lets a prompt that starts like
+    content still in the KV cache (the same image asked about again, the next turn of a chat) reuse those
+    positions instead of prefilling them (`prefix_cache.py`); it is not yet supported with ``dp`` > 1. Any other
+    LMDeploy engine field (``cache_block_seq_len``, ...) is accepted with a warning
     and kept, unused, in ``ignored_fields``; a name that is neither raises TypeError.
     """
 
@@ -269,6 +272,7 @@ class EngineConfig:
     dtype: str = "auto"
     max_prefill_token_num: int = 8192
     quant_policy: int = 0
+    enable_prefix_caching: bool = False
     download_dir: str | None = None
     revision: str | None = None
     compilation_cache_dir: str | None = field(default_factory=default_compilation_cache_dir)
@@ -278,7 +282,7 @@ class EngineConfig:
 
     def __init__(self, *, tp: int = 1, dp: int = 1, session_len: int | None = None,
                  max_batch_size: int | None = None, cache_max_entry_count: float = 0.8, dtype: str = "auto",
-                 max_prefill_token_num: int = 8192, quant_policy: int = 0,
+                 max_prefill_token_num: int = 8192, quant_policy: int = 0, enable_prefix_caching: bool = False,
                  download_dir: str | os.PathLike | None = None,
                  revision: str | None = None,
                  compilation_cache_dir: str | os.PathLike | None = _DEFAULT_CACHE_DIR,
@@ -311,6 +315,10 @@ class EngineConfig:
                           UserWarning, stacklevel=2)
             quant_policy = 8
         self.quant_policy = int(quant_policy)
+        self.enable_prefix_caching = _check_bool(o, "enable_prefix_caching", enable_prefix_caching)
+        if self.enable_prefix_caching and self.dp > 1:
+            raise _error(o, "enable_prefix_caching", "is not supported with dp > 1 (dp splits the cache slots across "
+                         "devices, and a prefix would be copied between them); use dp=1", enable_prefix_caching)
         self.download_dir = _check_path(o, "download_dir", download_dir)
         if revision is not None and not isinstance(revision, str):
             raise _error(o, "revision", "must be a str (branch, tag or commit) or None", revision)

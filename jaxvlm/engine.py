@@ -1,7 +1,8 @@
 """The engine loop: continuous batching over the runner's fixed cache slots.
 
-Each iteration admits waiting requests into free slots (one batched vision call and one batched prefill), then
-dispatches one decode step for every running slot. Results are read two dispatches late: while the device runs
+Each iteration admits waiting requests into free slots (one batched vision call and one batched prefill: of whole
+prompts, or, with prefix caching, of what follows the prefixes that slots already hold), then dispatches one
+decode step for every running slot. Results are read two dispatches late: while the device runs
 step n the host processes step n-2 (stop rules, detokenization), so the host never stalls the device. A slot
 that finished is thus decoded up to twice more; those tokens are dropped, and the slot is then released (marked
 idle on the device, so decode attention stops reading its cache).
@@ -20,6 +21,7 @@ from jaxvlm import sampling
 from jaxvlm.config import MAX_LOGPROBS
 from jaxvlm.detokenize import tail_text
 from jaxvlm.modeling import NEWLINE
+from jaxvlm.prefix_cache import PrefixIndex
 from jaxvlm.runner import ModelRunner, PrefillBatch
 from jaxvlm.scheduler import EngineRequest, Scheduler, Sequence, Status
 
@@ -54,21 +56,23 @@ class Event:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, max_vision_tiles: int, detokenize=None):
+    def __init__(self, runner: ModelRunner, max_vision_tiles: int, detokenize=None, prefix_caching: bool = False):
         self.runner = runner
         self.max_vision_tiles = max_vision_tiles
         self.detokenize = detokenize  # ids -> text, for stop strings
         self.tokens_per_tile = runner.config.tokens_per_tile
+        # What the cache slots hold, kept across generate() calls as the cache itself is.
+        self.prefix = PrefixIndex() if prefix_caching else None
 
     # ----------------------------------------------------------------------------------------- prefill
 
     def _feature_rows(self, group: list[Sequence]) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
-        """All tiles of the group stacked for one vision call (with their value table, if uint8), and each prompt
-        position's feature row."""
+        """The group's tiles stacked for one vision call (with their value table, if uint8), and each prompt
+        position's feature row. Images wholly inside a cached prefix are left out (their rows stay -1)."""
         rows_of = np.full((len(group), max(s.prompt_len for s in group)), -1, np.int32)
         images, first_tile = [], 0
         for b, seq in enumerate(group):
-            for im in seq.request.images:
+            for im in seq.images_after(seq.cached):
                 local = np.asarray(im.layout)
                 newline = local == im.num_tiles * self.tokens_per_tile
                 rows = np.where(newline, NEWLINE, local + first_tile * self.tokens_per_tile)
@@ -86,33 +90,43 @@ class Engine:
         return tiles[0] if len(tiles) == 1 else np.concatenate(tiles), table, rows_of
 
     def _prefill(self, group: list[Sequence]) -> sampling.SampleOutput:
+        """One prefill of the group's chunks: whole prompts, or (all members alike, `Scheduler.group_size`) what
+        follows each one's cached prefix."""
         buckets = self.runner.buckets
-        length = buckets.prefill_length(max(s.prompt_len for s in group))
+        length = buckets.prefill_length(max(s.prompt_len - s.cached for s in group))
+        continued = group[0].cached > 0
+        context_len = buckets.kv_length(max(s.cached for s in group) + length) if continued else None
         members = group + [group[0]] * (buckets.prefill_batch(len(group), length) - len(group))
         pixels, value_table, rows_of = self._feature_rows(group)
         tokens = np.zeros((len(members), length), np.int32)
         index = np.full((len(members), length), -1, np.int32)
+        seen = np.full((len(members), context_len or length), -1, np.int32)
         for b, seq in enumerate(group):
-            ids = seq.request.token_ids
-            tokens[b, : len(ids)] = np.maximum(ids, 0)
-            index[b, : len(ids)] = rows_of[b, : len(ids)]
-        tokens[len(group) :], index[len(group) :] = tokens[0], index[0]
-        # The repetition penalty counts the prompt's text tokens only.
-        in_prompt = np.arange(length)[None, :] < np.asarray([s.prompt_len for s in members])[:, None]
-        seen = np.where(in_prompt & (index == -1), tokens, -1)
+            ids, start = seq.request.token_ids, seq.cached
+            tokens[b, : len(ids) - start] = np.maximum(ids[start:], 0)
+            index[b, : len(ids) - start] = rows_of[b, start : len(ids)]
+            # The repetition penalty counts the prompt's text tokens only (all of them, cached or not).
+            text = np.ones(len(ids), bool)
+            for im in seq.request.images:
+                text[im.start : im.start + len(im.layout)] = False
+            seen[b, : len(ids)] = np.where(text, ids, -1)
+        tokens[len(group) :], index[len(group) :], seen[len(group) :] = tokens[0], index[0], seen[0]
+        column = lambda values: np.asarray(values, np.int32)
         # numpy arrays: the jitted prefill takes them in its own transfer (jnp.asarray would dispatch a device op
         # per field, ~2 ms of host time per prefill on an H100 host).
         batch = PrefillBatch(
             tokens=tokens,
             feature_index=index,
-            slots=np.asarray([s.slot for s in members], np.int32),
-            lengths=np.asarray([s.prompt_len for s in members], np.int32),
-            min_new=np.asarray([s.request.gen_config.min_new_tokens or 0 for s in members], np.int32),
+            slots=column([s.slot for s in members]),
+            lengths=column([s.prompt_len for s in members]),
+            min_new=column([s.request.gen_config.min_new_tokens or 0 for s in members]),
             params=_stack_params([_slot_params(s) for s in group], len(members)),
-            seen_ids=seen.astype(np.int32),
+            seen_ids=seen,
+            starts=column([s.cached for s in members]) if continued else None,
+            sources=column([s.source for s in members]) if continued else None,
         )
         features = None if pixels is None else self.runner.encode_images(pixels, value_table)
-        return self.runner.prefill(batch, features, self._num_logprobs(group))
+        return self.runner.prefill(batch, features, self._num_logprobs(group), context_len)
 
     @staticmethod
     def _num_logprobs(seqs) -> int:
@@ -168,7 +182,8 @@ class Engine:
         """Runs requests to completion, yielding token events as results arrive (requests stream in lazily)."""
         r = self.runner
         # The cache length per slot is the session length.
-        sched = Scheduler(r.buckets.num_slots, r.buckets.max_len, r.buckets.max_prefill_tokens, self.max_vision_tiles)
+        sched = Scheduler(r.buckets.num_slots, r.buckets.max_len, r.buckets.max_prefill_tokens, self.max_vision_tiles,
+                          self.prefix)
         incoming = iter(requests)
         exhausted = False
         pending: collections.deque = collections.deque()
@@ -192,7 +207,13 @@ class Engine:
             dispatched = False
             group = sched.admit(r.buckets.prefill_length)
             if group:
-                pending.append((list(group), self._prefill(group)))
+                try:
+                    pending.append((list(group), self._prefill(group)))
+                except BaseException:
+                    if self.prefix is not None:  # admit recorded content that these slots never received
+                        for seq in group:
+                            self.prefix.hold(seq.slot, [])
+                    raise
                 dispatched = True
             # Prefill gives each sequence its first token: only those wanting more need a decode step.
             running = [s for s in sched.running.values() if 1 + s.decode_dispatched < s.max_new_tokens]

@@ -32,11 +32,27 @@ class LayerCache:
     def quantized(self) -> bool:
         return self.k_scale is not None
 
-    def write_prompt(self, slot: jax.Array, k: jax.Array, v: jax.Array) -> LayerCache:
-        """k, v [1, kv_heads, L, head_dim]: a whole prompt into `slot`, positions 0..L-1 (in place)."""
-        start = (slot, 0, 0, 0)
+    def write_prompt(self, slot: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array | int = 0) -> LayerCache:
+        """k, v [1, kv_heads, L, head_dim]: a prompt chunk into `slot`, positions position..position+L-1 (in
+        place; the caller keeps the chunk within the slot, since the update would otherwise be shifted to fit)."""
+        start = (slot, 0, position, 0)
         put = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start[: cache.ndim])
         return self._write(put, k, v)
+
+    def copy_prefix(self, sources: jax.Array, slots: jax.Array, length: int) -> LayerCache:
+        """Copies the first `length` positions of slot sources[b] into slot slots[b], for each b. Every copy
+        reads the cache as it was before any of them, so one slot may be both a source and a destination."""
+        def copy(cache: jax.Array) -> jax.Array:
+            size = (1, cache.shape[1], length, *cache.shape[3:])
+            pieces = [jax.lax.dynamic_slice(cache, (src, 0, 0, 0)[: cache.ndim], size) for src in sources]
+            for dst, piece in zip(slots, pieces):
+                cache = jax.lax.dynamic_update_slice(cache, piece, (dst, 0, 0, 0)[: cache.ndim])
+            return cache
+        return jax.tree.map(copy, self)
+
+    def rows(self, slots: jax.Array, length: int) -> LayerCache:
+        """The first `length` positions of the given slots (a gathered copy, [B, kv_heads, length, ...])."""
+        return jax.tree.map(lambda cache: cache[slots, :, :length], self)
 
     def write_tokens(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> LayerCache:
         """k, v [S, kv_heads, head_dim]: one token for each of slots 0..S-1, at `positions` [S] (out-of-range

@@ -2,23 +2,33 @@
 
 Every parameter carries logical axis names (`axes` metadata) that `sharding.py` maps to mesh axes. Layers are
 kept as separate modules (not stacked and scanned): on GPU a scan over stacked weights pays a copy per layer.
-The decoder runs in two shapes: `prefill` (a padded batch of whole prompts, causal) and `decode` (one token per
-cache slot). Weights are loaded by `params.py`; this file only computes.
+The decoder runs in two shapes: `prefill` (a padded batch of prompt chunks, causal: whole prompts, or with a
+`PrefixContext` the rest of prompts whose start is already cached) and `decode` (one token per cache slot). Weights are loaded by `params.py`; this file only computes.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxvlm.kernels.attention import decode_attention, prefill_attention
+from jaxvlm.kernels.attention import context_attention, decode_attention, prefill_attention
 from jaxvlm.kv_cache import KVCache, LayerCache
 from jaxvlm.model_config import LlavaConfig, TextConfig, VisionTowerConfig
 
 NEWLINE = -2  # feature_index value of the LLaVA-NeXT image_newline token
+
+
+class PrefixContext(NamedTuple):
+    """Prefill chunks that continue cached prefixes (prefix caching): chunk b goes to positions starts[b]..,
+    after the first starts[b] positions of slot sources[b] are copied into its own slot."""
+
+    starts: jax.Array  # i32[B]
+    sources: jax.Array  # i32[B]
+    length: int  # cache columns copied and attended over (static; covers every chunk's end)
 
 
 def param(shape: tuple[int, ...], dtype, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -228,19 +238,33 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.mlp = MLP(c, dtype)
 
-    def prefill(self, x, positions, inv_freq, cache: LayerCache, slots, last_index=None):
-        """x [B, L, D]; writes this chunk's k/v at cache rows `slots`, positions 0..L-1. Given `last_index` [B]
-        (the final layer, whose output matters at each prompt's last token only), attention output, o_proj and
-        the MLP run for those B rows, not B x L (about 2.5% of a 32-layer prefill), and it returns [B, D].
-        Attention reads the chunk's own k/v, never the (possibly int8) cache."""
+    def prefill(self, x, positions, inv_freq, cache: LayerCache, slots, last_index=None,
+                context: PrefixContext | None = None):
+        """x [B, L, D]; writes this chunk's k/v at cache rows `slots`, positions 0..L-1 (with a `context`: the
+        cached prefix is copied in first, and the chunk goes after it). Given `last_index` [B] (the final layer,
+        whose output matters at each prompt's last token only), attention output, o_proj and the MLP run for
+        those B rows, not B x L (about 2.5% of a 32-layer prefill), and it returns [B, D]. Whole prompts attend
+        to the chunk's own k/v, never the (possibly int8) cache; a continued chunk attends to its cache row."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, inv_freq)
         k_rows, v_rows = k.swapaxes(1, 2), v.swapaxes(1, 2)  # the cache layout [B, KVH, L, D]
+        if context is not None:
+            cache = cache.copy_prefix(context.sources, slots, context.length)
         for b in range(x.shape[0]):  # B is small and static: one in-place slice update per prompt
-            cache = cache.write_prompt(slots[b], k_rows[b : b + 1], v_rows[b : b + 1])
-        if last_index is None:
+            start = 0 if context is None else context.starts[b]
+            cache = cache.write_prompt(slots[b], k_rows[b : b + 1], v_rows[b : b + 1], start)
+        pick = lambda a: jnp.take_along_axis(a, last_index.reshape(-1, *[1] * (a.ndim - 1)), axis=1)[:, 0]
+        if context is not None:
+            rows = cache.rows(slots, context.length)
+            attend = lambda q, starts: context_attention(q, rows.k, rows.v, starts, k_scale=rows.k_scale,
+                                                         v_scale=rows.v_scale)
+            if last_index is None:
+                x = x + self.self_attn.out(attend(q, context.starts))
+            else:
+                attn = attend(pick(q)[:, None], context.starts + last_index)[:, 0]
+                x = pick(x) + self.self_attn.out(attn)
+        elif last_index is None:
             x = x + self.self_attn.out(prefill_attention(q, k, v))
         else:
-            pick = lambda a: jnp.take_along_axis(a, last_index.reshape(-1, *[1] * (a.ndim - 1)), axis=1)[:, 0]
             # One query per prompt over its chunk: decode attention (its XLA path shards everywhere).
             attn = decode_attention(pick(q), k_rows, v_rows, last_index + 1, impl="xla")
             x = pick(x) + self.self_attn.out(attn)
@@ -281,14 +305,17 @@ class LlamaModel(nnx.Module):
             new_cache.append(layer_cache)
         return x, new_cache
 
-    def prefill(self, x: jax.Array, cache: KVCache, slots: jax.Array,
-                last_index: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-        """x [B, L, D] -> hidden [B, L, D]; or, given `last_index` [B], only each prompt's last hidden [B, D]."""
+    def prefill(self, x: jax.Array, cache: KVCache, slots: jax.Array, last_index: jax.Array | None = None,
+                context: PrefixContext | None = None) -> tuple[jax.Array, KVCache]:
+        """x [B, L, D] -> hidden [B, L, D]; or, given `last_index` [B] (within the chunk), only each prompt's last
+        hidden [B, D]. With a `context`, chunk b sits at positions context.starts[b] + 0..L-1."""
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        if context is not None:
+            positions = positions + context.starts[:, None]
         inv_freq = rope_frequencies(self.config)
         final = self.layers[-1] if last_index is not None else None
         return self._layers(x, cache, lambda layer, h, c: layer.prefill(
-            h, positions, inv_freq, c, slots, last_index if layer is final else None))
+            h, positions, inv_freq, c, slots, last_index if layer is final else None, context))
 
     def decode(self, x: jax.Array, positions: jax.Array, lengths: jax.Array, cache: KVCache, kv_len: int,
                attention_impl: str | None = None) -> tuple[jax.Array, KVCache]:
@@ -334,15 +361,18 @@ class Llava(nnx.Module):
             x = jnp.where((feature_index == NEWLINE)[..., None], self.image_newline[...].astype(x.dtype), x)
         return x
 
-    def prefill_hidden(self, tokens, features, feature_index, cache: KVCache, slots,
-                       last_index=None) -> tuple[jax.Array, KVCache]:
-        """Runs whole prompts (right-padded [B, L]) into cache rows `slots`; returns the final hidden states
-        [B, L, D], or only those at `last_index` [B] when given ([B, D])."""
-        return self.language_model.prefill(self.embed(tokens, features, feature_index), cache, slots, last_index)
+    def prefill_hidden(self, tokens, features, feature_index, cache: KVCache, slots, last_index=None,
+                       context: PrefixContext | None = None) -> tuple[jax.Array, KVCache]:
+        """Runs prompt chunks (right-padded [B, L]: whole prompts, or what follows a cached prefix given a
+        `context`) into cache rows `slots`; returns the final hidden states [B, L, D], or only those at
+        `last_index` [B] when given ([B, D])."""
+        x = self.embed(tokens, features, feature_index)
+        return self.language_model.prefill(x, cache, slots, last_index, context)
 
-    def prefill(self, tokens, features, feature_index, cache: KVCache, slots, last_index):
+    def prefill(self, tokens, features, feature_index, cache: KVCache, slots, last_index,
+                context: PrefixContext | None = None):
         """`prefill_hidden`, then the logits at `last_index` [B] (each prompt's last real token) only."""
-        last, cache = self.prefill_hidden(tokens, features, feature_index, cache, slots, last_index)
+        last, cache = self.prefill_hidden(tokens, features, feature_index, cache, slots, last_index, context)
         return self.language_model.logits(last), cache
 
     def decode(self, tokens, positions, lengths, cache: KVCache, kv_len: int, attention_impl: str | None = None):

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxvlm import sampling, sharding
 from jaxvlm.kv_cache import KVCache, init_cache
-from jaxvlm.modeling import Llava
+from jaxvlm.modeling import Llava, PrefixContext
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,11 @@ class PrefillBatch:
     lengths: jax.Array  # i32[B]
     min_new: jax.Array  # i32[B]
     params: sampling.SlotParams  # per row, leading dim B
-    seen_ids: jax.Array  # i32[B, L] prompt ids for the repetition penalty (-1 padding)
+    seen_ids: jax.Array  # i32[B, W] the whole prompt's text ids, for the repetition penalty (-1 padding)
+    # Prefix caching: each row's chunk continues the first starts[b] positions of slot sources[b] (None: whole
+    # prompts). tokens and feature_index then hold the chunk only; lengths stay the whole prompts' lengths.
+    starts: jax.Array | None = None  # i32[B]
+    sources: jax.Array | None = None  # i32[B]
 
 
 def _pow2_at_least(n: int, floor: int = 1) -> int:
@@ -143,7 +147,8 @@ class ModelRunner:
             )
         self.compiled: set[tuple] = set()
         self._encode = jax.jit(self._encode_fn)
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_logprobs",), donate_argnames=("cache", "state"))
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_logprobs", "context_len"),
+                                donate_argnames=("cache", "state"))
         self._release = jax.jit(
             lambda state, idle: dataclasses.replace(state, active=state.active & ~idle), donate_argnums=0)
         self._decode = jax.jit(self._decode_fn, static_argnames=("rows", "kv_len", "greedy_only", "num_logprobs"),
@@ -159,9 +164,15 @@ class ModelRunner:
             pixels = value_table[jnp.arange(pixels.shape[-1]), pixels.astype(jnp.int32)].transpose(0, 3, 1, 2)
         return self._model(leaves).encode_images(pixels)
 
-    def _prefill_fn(self, leaves, cache, state: DecodeState, batch: PrefillBatch, features, *, num_logprobs: int):
+    def _prefill_fn(self, leaves, cache, state: DecodeState, batch: PrefillBatch, features, *, num_logprobs: int,
+                    context_len: int | None):
         model = self._model(leaves)
-        logits, cache = model.prefill(batch.tokens, features, batch.feature_index, cache, batch.slots, batch.lengths - 1)
+        last_index, context = batch.lengths - 1, None
+        if batch.starts is not None:
+            last_index = last_index - batch.starts
+            context = PrefixContext(batch.starts, batch.sources, context_len)
+        logits, cache = model.prefill(batch.tokens, features, batch.feature_index, cache, batch.slots, last_index,
+                                      context)
         sstate = state.sampling
         for b in range(batch.tokens.shape[0]):
             row = jax.tree.map(lambda a: a[b], batch.params)
@@ -214,10 +225,14 @@ class ModelRunner:
         self._note_compile(("vision", padded, pixels.dtype.name))
         return self._encode(self._leaves, pixels, value_table)
 
-    def prefill(self, batch: PrefillBatch, features: jax.Array | None, num_logprobs: int) -> sampling.SampleOutput:
-        self._note_compile(("prefill", *batch.tokens.shape, features is not None and features.shape[0], num_logprobs))
+    def prefill(self, batch: PrefillBatch, features: jax.Array | None, num_logprobs: int,
+                context_len: int | None = None) -> sampling.SampleOutput:
+        """Prompt chunks into their slots; `context_len` (with batch.starts): the cache columns that chunks
+        continuing a cached prefix copy and attend over, covering every chunk's end."""
+        self._note_compile(("prefill", *batch.tokens.shape, features is not None and features.shape[0], num_logprobs,
+                            context_len))
         self.cache, self.state, out = self._prefill(self._leaves, self.cache, self.state, batch, features,
-                                                    num_logprobs=num_logprobs)
+                                                    num_logprobs=num_logprobs, context_len=context_len)
         return out
 
     def release(self, slots: Sequence[int]) -> None:

@@ -2,7 +2,8 @@
 
 A request waits until a slot is free, is prefilled together with others (up to the prefill token budget), then
 decodes one token per step until a stop rule ends it and its slot returns to the pool. Requests that cannot
-fit are refused alone, before they take a slot.
+fit are refused alone, before they take a slot. With prefix caching, a request whose prompt starts like content a
+slot holds (`prefix_cache.py`) is prefilled from there on, in a group of such requests.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from jaxvlm.config import GenerationConfig
 from jaxvlm.image_processing import normalize_tiles
+from jaxvlm.prefix_cache import PrefixIndex, PromptKeys, prompt_keys, usable
 
 
 @dataclasses.dataclass
@@ -49,6 +51,7 @@ class EngineRequest:
     stop_strings: tuple[str, ...] = ()  # multi-token stop words, matched on the decoded text
     bad_ids: frozenset[int] = frozenset()  # never generated
     error: str | None = None  # failed before reaching the engine (bad image, template error, ...)
+    prefix: PromptKeys | None = None  # its content's block keys, for prefix caching (made where missing)
 
 
 class Status(enum.Enum):
@@ -67,6 +70,8 @@ class Sequence:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     decode_dispatched: int = 0  # decode steps sent to the device for this sequence
+    cached: int = 0  # prompt positions taken from the cache (prefix caching) instead of prefilled
+    source: int = -1  # the slot they are copied from
     finish_reason: str | None = None
     error_message: str | None = None
 
@@ -74,14 +79,17 @@ class Sequence:
     def prompt_len(self) -> int:
         return len(self.request.token_ids)
 
-    @property
-    def num_tiles(self) -> int:
-        return sum(im.num_tiles for im in self.request.images)
+    def images_after(self, cached: int) -> list[ImageInput]:
+        """The images with a feature at or past position `cached` (the others lie wholly in a cached prefix, so
+        the vision tower need not see them)."""
+        return [im for im in self.request.images if im.start + len(im.layout) > cached]
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, session_len: int, max_prefill_tokens: int, max_prefill_tiles: int | None):
+    def __init__(self, num_slots: int, session_len: int, max_prefill_tokens: int, max_prefill_tiles: int | None,
+                 prefix: PrefixIndex | None = None):
         self.session_len = session_len
+        self.prefix = prefix  # None: no prefix caching
         self.max_prefill_tokens = max_prefill_tokens
         self.max_prefill_tiles = max_prefill_tiles
         # A min-heap: the lowest free slot goes first, so that running sequences stay packed at the low slots and
@@ -104,36 +112,63 @@ class Scheduler:
         elif seq.max_new_tokens == 0:
             self.finish(seq, "length")
         else:
+            if self.prefix is not None and request.prefix is None:
+                request.prefix = prompt_keys(request.token_ids, request.images)
             self.waiting.append(seq)
         return seq
 
+    def _hit(self, seq: Sequence, length_bucket) -> tuple[int, int]:
+        """(cached positions to use, the slot holding them) for a waiting sequence, as the cache is now."""
+        if self.prefix is None:
+            return 0, -1
+        matched, slot = self.prefix.lookup(seq.request.prefix.keys)
+        cached = usable(matched, seq.prompt_len, self.session_len, length_bucket)
+        return (cached, slot) if cached else (0, -1)
+
     def group_size(self, length_bucket) -> int:
         """How many waiting sequences (FIFO) the next prefill takes: as many as fit its token budget (rows padded
-        to a power of two, at the longest prompt's bucket), its vision batch and the free slots. The first one always
-        goes (a prompt over the budget runs alone), unless no slot is free."""
-        longest = tiles = n = 0
+        to a power of two, at the longest chunk's bucket), its vision batch and the free slots. The first one
+        always goes (a prompt over the budget runs alone), unless no slot is free. A group is all whole prompts or
+        all continuations of cached prefixes (one program each), and a continuation's chunk, padded to the
+        group's length, must still fit its slot."""
+        longest = tiles = n = furthest = 0
+        kind = None
         for seq in itertools.islice(self.waiting, len(self.free_slots)):
-            longest = max(longest, seq.prompt_len)
+            cached, _ = self._hit(seq, length_bucket)
+            if kind is None:
+                kind = cached > 0
+            longest = max(longest, seq.prompt_len - cached)
+            furthest = max(furthest, cached)
             rows = 1 << n.bit_length()  # prefill rows are padded to a power of two
-            tiles += seq.num_tiles
+            tiles += sum(im.num_tiles for im in seq.images_after(cached))
             too_many_tiles = self.max_prefill_tiles is not None and tiles > self.max_prefill_tiles
-            if n and (length_bucket(longest) * rows > self.max_prefill_tokens or too_many_tiles):
+            if n and ((cached > 0) != kind or length_bucket(longest) * rows > self.max_prefill_tokens
+                      or too_many_tiles or furthest + length_bucket(longest) > self.session_len):
                 break
             n += 1
         return n
 
     def admit(self, length_bucket) -> list[Sequence]:
-        """Takes the next prefill group (`group_size`) from the waiting sequences into free slots."""
+        """Takes the next prefill group (`group_size`) from the waiting sequences into free slots. Cached
+        prefixes are found before any slot is handed out (the prefill copies them before it writes)."""
         group = [self.waiting.popleft() for _ in range(self.group_size(length_bucket))]
+        for seq in group:
+            seq.cached, seq.source = self._hit(seq, length_bucket)
         for seq in group:
             seq.slot, seq.status = heapq.heappop(self.free_slots), Status.RUNNING
             self.running[seq.slot] = seq
+            if self.prefix is not None:
+                self.prefix.hold(seq.slot, seq.request.prefix.keys)
+                self.prefix.reused_tokens += seq.cached
         return group
 
     def finish(self, seq: Sequence, reason: str, message: str | None = None) -> None:
         if seq.status == Status.RUNNING:
             del self.running[seq.slot]
             heapq.heappush(self.free_slots, seq.slot)
+            if self.prefix is not None:
+                # The cache holds k/v for every output token but the last (no step has read that one back).
+                self.prefix.hold(seq.slot, seq.request.prefix.extended(seq.output_ids[:-1]))
         seq.status, seq.finish_reason, seq.error_message = Status.FINISHED, reason, message
 
     def has_work(self) -> bool:

@@ -6,7 +6,9 @@ It prints one line `RESULT <json>` on stdout; everything else (logs, warnings) m
 
 Modes:
   tokens MODEL --devices N --configs '[[tp, dp], ...]'
-      greedy tokens of PROMPTS for each (tp, dp), or (tp, dp, quant_policy) -> {"tp,dp[,q]": [[ids], ...]}
+      greedy tokens of PROMPTS for each (tp, dp), (tp, dp, quant_policy) or (tp, dp, quant_policy, prefix
+      caching) -> {"tp,dp[,q[,p]]": [[ids], ...]}; with prefix caching, the batch runs twice and the second
+      run, which must reuse the first one's cache, gives the tokens
   inspect MODEL --devices N --configs '[[tp, dp], ...]'
       sharding of the big weights and of the KV cache per config, or the ValueError a config raises
   multihost MODEL --devices N --configs '[[tp, dp], ...]' --coordinator HOST:PORT --num-processes P --process-id I
@@ -51,10 +53,14 @@ def run_tokens(model: str, configs: list, **extra) -> dict:
     gen = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     batch = prompts()
     out = {}
-    for config in configs:  # [tp, dp] or [tp, dp, quant_policy]
-        tp, dp, *quant = config
-        with make_pipeline(model, tp, dp, quant_policy=quant[0] if quant else 0, **extra) as pipe:
+    for config in configs:  # [tp, dp], [tp, dp, quant_policy] or [tp, dp, quant_policy, prefix caching]
+        tp, dp, quant, prefix = (*config, 0, 0)[:4]
+        with make_pipeline(model, tp, dp, quant_policy=quant, enable_prefix_caching=bool(prefix), **extra) as pipe:
             responses = pipe(batch, gen_config=gen)
+            if prefix:
+                responses = pipe(batch, gen_config=gen)
+                if not pipe.engine.prefix.reused_tokens:
+                    sys.exit(f"layout {config}: the second run reused nothing from the cache")
         out[",".join(map(str, config))] = [r.token_ids for r in responses]
     return out
 

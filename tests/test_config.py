@@ -149,7 +149,8 @@ def test_engine_config_accepts_valid_values():
     ("max_prefill_token_num", 0), ("max_prefill_token_num", 8192.0),
     ("download_dir", 3), ("revision", 5), ("compilation_cache_dir", ""),
     ("prefill_buckets", []), ("prefill_buckets", [0, 512]), ("prefill_buckets", "512"),
-    ("prefill_buckets", [256.0]), ("vision_tower_path", ["a"]),
+    ("prefill_buckets", [256.0]), ("vision_tower_path", ["a"]), ("enable_prefix_caching", 1),
+    ("enable_prefix_caching", "yes"),
 ])
 def test_engine_config_rejects_bad_values_naming_the_field(field_name, value):
     with pytest.raises(ValueError) as info:
@@ -159,17 +160,25 @@ def test_engine_config_rejects_bad_values_naming_the_field(field_name, value):
 
 def test_lmdeploy_only_fields_warn_and_are_not_acted_on():
     with pytest.warns(UserWarning) as record:
-        cfg = TurbomindEngineConfig(tp=1, session_len=2048, cache_block_seq_len=64, enable_prefix_caching=True)
+        cfg = TurbomindEngineConfig(tp=1, session_len=2048, cache_block_seq_len=64, num_gpu_blocks=100)
     message = " ".join(str(w.message) for w in record)
-    for name in ("cache_block_seq_len", "enable_prefix_caching"):
+    for name in ("cache_block_seq_len", "num_gpu_blocks"):
         assert name in message
     assert cfg.session_len == 2048
-    assert cfg.ignored_fields == {"cache_block_seq_len": 64, "enable_prefix_caching": True}
+    assert cfg.ignored_fields == {"cache_block_seq_len": 64, "num_gpu_blocks": 100}
     assert not hasattr(cfg, "cache_block_seq_len")
     # a config with ignored fields equals one without: they change nothing
     assert cfg == EngineConfig(session_len=2048)
     with pytest.warns(UserWarning, match="block_size"):
         PytorchEngineConfig(block_size=64, eager_mode=True)
+
+
+def test_prefix_caching_is_lmdeploys_field_and_refuses_dp():
+    assert EngineConfig().enable_prefix_caching is False  # LMDeploy's default
+    assert TurbomindEngineConfig(enable_prefix_caching=True).enable_prefix_caching is True
+    assert EngineConfig(tp=2, enable_prefix_caching=True).ignored_fields == {}
+    with pytest.raises(ValueError, match="enable_prefix_caching.*dp > 1"):
+        EngineConfig(dp=2, enable_prefix_caching=True)
 
 
 def test_no_warning_without_lmdeploy_only_fields():

@@ -1,9 +1,10 @@
 """Attention kernels: one function per use, each with a plain-XLA path that runs everywhere.
 
 `prefill_attention` is self-attention over whole sequences (causal over a padded prompt chunk, full over an
-image's patches); `decode_attention` attends one new query per slot to that slot's filled cache prefix. On GPU
-they use cuDNN flash attention and the Pallas (Triton) ragged decode kernel; the XLA paths run everywhere and
-are the reference the kernels are tested against.
+image's patches); `decode_attention` attends one new query per slot to that slot's filled cache prefix;
+`context_attention` attends a prompt chunk that continues a cached prefix (prefix caching) to that prefix and
+to itself. On GPU the first two use cuDNN flash attention and the Pallas (Triton) ragged decode kernel; the XLA
+paths run everywhere and are the reference the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -78,3 +79,30 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     values = v_cache.astype(q.dtype)  # int8 converts exactly
     out = jnp.einsum("skgt,sktd->skgd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
     return out.reshape(s, h, d).astype(q.dtype)
+
+
+def context_attention(q: jax.Array, k_rows: jax.Array, v_rows: jax.Array, starts: jax.Array, *,
+                      k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> jax.Array:
+    """Prompt chunks that continue cached prefixes. q [B, L, H, D]: query l of row b sits at position
+    starts[b] + l and attends to columns 0..starts[b] + l of its cache row; k_rows, v_rows [B, KVH, T, D] are
+    those rows, already holding the chunk's own k/v (int8 rows come with their float32 scales [B, KVH, T],
+    applied as in `decode_attention`) -> [B, L, H, D].
+
+    XLA only: it materializes [B, H, L, T] scores, which suits the short chunks that prefix caching prefills
+    (`prefix_cache.MAX_SUFFIX`).
+    """
+    b, l, h, d = q.shape
+    kvh, t = k_rows.shape[1], k_rows.shape[2]
+    qg = q.reshape(b, l, kvh, h // kvh, d)
+    scores = jnp.einsum("blkgd,bktd->bkglt", qg, k_rows.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(d)
+    if k_scale is not None:
+        scores = scores * k_scale[:, :, None, None, :]
+    visible = jnp.arange(t)[None, None, :] <= (starts[:, None] + jnp.arange(l))[:, :, None]  # [B, L, T]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if v_scale is not None:
+        probs = probs * v_scale[:, :, None, None, :]
+    values = v_rows.astype(q.dtype)
+    out = jnp.einsum("bkglt,bktd->blkgd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return out.reshape(b, l, h, d).astype(q.dtype)
