@@ -500,12 +500,13 @@ def _jaxvlm_step(s: Settings, step: dict, cache_dir: str | None, rec: Recorder) 
     (needs ttft), throughput."""
     import jaxvlm
     from jaxvlm import EngineConfig, GenerationConfig
+    from jaxvlm.prefix_cache import PrefixIndex
 
     version, tasks = step["version"], step["tasks"]
     t0 = time.perf_counter()
     pipe = jaxvlm.pipeline(s.model_path(version), backend_config=EngineConfig(
         session_len=step["session_len"], max_batch_size=step["max_batch_size"], compilation_cache_dir=cache_dir,
-        quant_policy=step.get("quant_policy", 0)))
+        quant_policy=step.get("quant_policy", 0), enable_prefix_caching=step.get("prefix_caching", False)))
     rec.put("load_s", time.perf_counter() - t0)
     runner = pipe.engine.runner
     rec.put("slots", runner.buckets.num_slots)
@@ -548,9 +549,15 @@ def _jaxvlm_step(s: Settings, step: dict, cache_dir: str | None, rec: Recorder) 
                 # grows through several buckets) is compiled before the measured run.
                 clock.run(f"offline_{n}", ask, prompts, s.new_tokens)
                 compiled = len(runner.compiled)
+                if pipe.engine.prefix is not None:
+                    # Forget what the warm-up left in the cache: the measured run finds only what it computes
+                    # itself (the later requests about each of the 8 images reuse the earlier ones' prefixes).
+                    pipe.engine.prefix = PrefixIndex()
                 dt, out = _timed(ask, prompts, s.new_tokens)
                 rec.put(f"offline_tok_s_{n}", sum(r.generate_token_len for r in out) / dt)
                 rec.put(f"offline_{n}_compiles_while_measuring", len(runner.compiled) - compiled)
+                if pipe.engine.prefix is not None:
+                    rec.put(f"offline_{n}_reused_tokens", pipe.engine.prefix.reused_tokens)
             except Exception as e:  # noqa: BLE001 - record it and go on with the next count
                 rec.put(f"offline_tok_s_{n}", "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}"[:300])
     pipe.close()
@@ -727,6 +734,12 @@ def plan_phases(s: Settings, args: argparse.Namespace, scratch: Path) -> list[Ph
             # The same offline runs with LMDeploy's int8 KV cache (quant_policy=8): twice the slots fit.
             Phase("jaxvlm-int8", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="offline", tasks=["throughput"],
                                                                     max_batch_size=max(s.counts), quant_policy=8)]),
+                  240 if big else 120),
+            # And with prefix caching (LMDeploy's enable_prefix_caching): the requests ask about 8 images, so a
+            # request whose image an earlier one brought prefills only its own question.
+            Phase("jaxvlm-prefix", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="offline", tasks=["throughput"],
+                                                                      max_batch_size=max(s.counts),
+                                                                      prefix_caching=True)]),
                   240 if big else 120),
         ]
     if args.only in (None, "transformers"):
@@ -922,6 +935,8 @@ def row_labels(s: Settings) -> dict[str, str]:
         labels[f"offline_tok_s_{n}"] = f"offline output tok/s, {n} requests"
     for n in s.counts:
         labels[f"offline_tok_s_{n}_int8"] = f"  same, int8 KV cache, {n} requests"
+    for n in s.counts:
+        labels[f"offline_tok_s_{n}_prefix"] = f"  same, prefix caching (8 images), {n} requests"
     labels.update({
         "warmup_s": "compile/warm-up s",
         "start_to_first_answer_s_cold": "start -> first answer s, cold cache",
@@ -985,6 +1000,8 @@ def build_table(s: Settings, results: dict, status: list[dict]) -> tuple[dict, d
             # int8 KV (quant_policy=8) is jaxvlm's; the transformers rows compare its default cache only.
             **{f"offline_tok_s_{n}_int8": value("jaxvlm-int8", f"offline/offline_tok_s_{n}") if system == "jaxvlm"
                else "n/a" for n in s.counts},
+            **{f"offline_tok_s_{n}_prefix": value("jaxvlm-prefix", f"offline/offline_tok_s_{n}")
+               if system == "jaxvlm" else "n/a" for n in s.counts},
             "warmup_s": sum(warmups) if warmups else value(phase, f"{lat15}/warmup_s"),
             "start_to_first_answer_s_cold": value(phase, f"{lat15}/first_answer_s"),
             # Eager transformers compiles nothing, so there is no cache to warm: one start serves both rows.

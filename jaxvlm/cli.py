@@ -94,6 +94,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant-policy", type=int, choices=[0, 8], default=0,
                    help="KV cache: 0 keeps the compute dtype, 8 stores int8 (twice the sequences fit; "
                         "LMDeploy's quant_policy) (default: 0)")
+    g.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse the KV cache of a prompt's start that an earlier prompt computed (the same image "
+                        "asked about again, the earlier turns of a chat) instead of prefilling it again")
     g.add_argument("--chat-template", choices=_template_names(), default=None, metavar="NAME",
                    help="chat template by name: %(choices)s (default: matched from the model path, else the "
                         "checkpoint's own)")
@@ -227,7 +230,8 @@ def _open_pipeline(args: argparse.Namespace):
     from jaxvlm.config import EngineConfig
 
     engine = EngineConfig(tp=args.tp, dp=args.dp, session_len=args.session_len,
-                          max_batch_size=args.max_batch_size, dtype=args.dtype, quant_policy=args.quant_policy)
+                          max_batch_size=args.max_batch_size, dtype=args.dtype, quant_policy=args.quant_policy,
+                          enable_prefix_caching=args.enable_prefix_caching)
     template = ChatTemplateConfig(model_name=args.chat_template) if args.chat_template else None
     return pipeline(args.model, backend_config=engine, chat_template_config=template)
 

@@ -56,7 +56,7 @@ def test_smoke_run_completes_every_phase(smoke):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert [p["phase"] for p in doc["phases"]][:1] == ["checkpoints"]
     assert {p["phase"] for p in doc["phases"]} == {
-        "checkpoints", "bandwidth", "jaxvlm", "jaxvlm-warm-start", "jaxvlm-int8", "transformers",
+        "checkpoints", "bandwidth", "jaxvlm", "jaxvlm-warm-start", "jaxvlm-int8", "jaxvlm-prefix", "transformers",
         "transformers-static", "transformers-static-warm-start"}
 
 
@@ -73,7 +73,8 @@ def test_every_row_is_a_positive_number_for_every_system(smoke):
     assert counts == [4]
     rows = ["decode_tok_s_b1", "decode_roofline_fraction", "decode_tok_s_b1_offline_engine", "ttft_ms_llava15_336",
             "ttft_ms_llava16_640x480",
-            *[f"offline_tok_s_{n}" for n in counts], *[f"offline_tok_s_{n}_int8" for n in counts], "warmup_s",
+            *[f"offline_tok_s_{n}" for n in counts], *[f"offline_tok_s_{n}_int8" for n in counts],
+            *[f"offline_tok_s_{n}_prefix" for n in counts], "warmup_s",
             "start_to_first_answer_s_cold", "start_to_first_answer_s_warm"]
     assert set(doc["table"]) == set(SYSTEMS)
     for system in SYSTEMS:
@@ -81,8 +82,9 @@ def test_every_row_is_a_positive_number_for_every_system(smoke):
         table = doc["table"][system]
         bad = {row: table[row] for row in rows if not _is_positive_number(table[row])}
         if system != "jaxvlm":
-            assert all(table[f"offline_tok_s_{n}_int8"] == "n/a" for n in counts)  # jaxvlm's int8 KV cache only
-            bad = {row: v for row, v in bad.items() if not row.endswith("_int8")}
+            # jaxvlm's int8 KV cache and prefix caching only
+            assert all(table[f"offline_tok_s_{n}_{kind}"] == "n/a" for n in counts for kind in ("int8", "prefix"))
+            bad = {row: v for row, v in bad.items() if not row.endswith(("_int8", "_prefix"))}
             # On a loaded CPU, transformers' timings are erratic (a 1-token request has been measured slower
             # than a 24-token one, eager and compiled); the script then marks the decode rate invalid with its
             # reason rather than printing a wrong number. Every other row must still be a positive number.
@@ -112,6 +114,9 @@ def test_measurements_are_consistent(smoke):
     assert d["jaxvlm"]["1.6-latency/compiles_while_measuring"] == 0
     assert d["jaxvlm"]["offline/offline_4_compiles_while_measuring"] == 0
     assert d["jaxvlm-int8"]["offline/offline_4_compiles_while_measuring"] == 0
+    assert d["jaxvlm-prefix"]["offline/offline_4_compiles_while_measuring"] == 0
+    # the smoke run's 4 requests have 4 images and one prefill group: nothing to reuse, and nothing reused
+    assert d["jaxvlm-prefix"]["offline/offline_4_reused_tokens"] == 0
     # one engine per step: the batch-1 engine has one slot, the offline one fits every request
     assert d["jaxvlm"]["1.5-latency/slots"] == 1 and d["jaxvlm"]["offline/slots"] == 4
     # each pipeline was freed before the next one was built

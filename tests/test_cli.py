@@ -166,6 +166,17 @@ def test_failures_exit_1(tmp_path, monkeypatch, capsys):
     assert "cannot read the checkpoint" in capsys.readouterr().err
 
 
+def test_engine_options_reach_the_engine_config(monkeypatch):
+    import jaxvlm.api
+
+    seen = []
+    monkeypatch.setattr(jaxvlm.api, "pipeline", lambda model, backend_config, **kw: seen.append(backend_config))
+    for argv in (["infer", "m", "--input", "i", "--output", "o"],
+                 ["chat", "m", "--quant-policy", "8", "--enable-prefix-caching", "--tp", "2"]):
+        cli._open_pipeline(cli.build_parser().parse_args(argv))
+    assert [(c.tp, c.quant_policy, c.enable_prefix_caching) for c in seen] == [(1, 0, False), (2, 8, True)]
+
+
 def test_convert_is_delegated(monkeypatch):
     seen = {}
 
