@@ -32,23 +32,24 @@ class LayerCache:
     def quantized(self) -> bool:
         return self.k_scale is not None
 
-    def write_prompt(self, slot: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array | int = 0) -> LayerCache:
-        """k, v [1, kv_heads, L, head_dim]: a prompt chunk into `slot`, positions position..position+L-1 (in
-        place; the caller keeps the chunk within the slot, since the update would otherwise be shifted to fit)."""
-        start = (slot, 0, position, 0)
+    def write_prompt(self, slot: jax.Array, k: jax.Array, v: jax.Array) -> LayerCache:
+        """k, v [1, kv_heads, L, head_dim]: a whole prompt into `slot`, positions 0..L-1 (in place)."""
+        start = (slot, 0, 0, 0)
         put = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start[: cache.ndim])
         return self._write(put, k, v)
 
+    def write_chunks(self, slots: jax.Array, starts: jax.Array, k: jax.Array, v: jax.Array) -> LayerCache:
+        """k, v [B, L, kv_heads, head_dim]: chunk b into slot slots[b] at positions starts[b]..starts[b]+L-1, in
+        one scatter for all rows (positions past the slot are dropped)."""
+        positions = starts[:, None] + jnp.arange(k.shape[1])
+        put = lambda cache, new: cache.at[slots[:, None], :, positions].set(new.astype(cache.dtype), mode="drop")
+        return self._write(put, k, v)
+
     def copy_prefix(self, sources: jax.Array, slots: jax.Array, length: int) -> LayerCache:
-        """Copies the first `length` positions of slot sources[b] into slot slots[b], for each b. Every copy
-        reads the cache as it was before any of them, so one slot may be both a source and a destination."""
-        def copy(cache: jax.Array) -> jax.Array:
-            size = (1, cache.shape[1], length, *cache.shape[3:])
-            pieces = [jax.lax.dynamic_slice(cache, (src, 0, 0, 0)[: cache.ndim], size) for src in sources]
-            for dst, piece in zip(slots, pieces):
-                cache = jax.lax.dynamic_update_slice(cache, piece, (dst, 0, 0, 0)[: cache.ndim])
-            return cache
-        return jax.tree.map(copy, self)
+        """Copies the first `length` positions of slot sources[b] into slot slots[b], for each b (one gather and
+        one scatter). Every copy reads the cache as it was before any of them, so one slot may be both a source
+        and a destination."""
+        return jax.tree.map(lambda cache: cache.at[slots, :, :length].set(cache[sources, :, :length]), self)
 
     def rows(self, slots: jax.Array, length: int) -> LayerCache:
         """The first `length` positions of the given slots (a gathered copy, [B, kv_heads, length, ...])."""

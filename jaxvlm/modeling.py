@@ -247,11 +247,11 @@ class DecoderLayer(nnx.Module):
         to the chunk's own k/v, never the (possibly int8) cache; a continued chunk attends to its cache row."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, inv_freq)
         k_rows, v_rows = k.swapaxes(1, 2), v.swapaxes(1, 2)  # the cache layout [B, KVH, L, D]
-        if context is not None:
-            cache = cache.copy_prefix(context.sources, slots, context.length)
-        for b in range(x.shape[0]):  # B is small and static: one in-place slice update per prompt
-            start = 0 if context is None else context.starts[b]
-            cache = cache.write_prompt(slots[b], k_rows[b : b + 1], v_rows[b : b + 1], start)
+        if context is None:
+            for b in range(x.shape[0]):  # B is small and static: one in-place slice update per prompt
+                cache = cache.write_prompt(slots[b], k_rows[b : b + 1], v_rows[b : b + 1])
+        else:  # continuation groups are wide (every question about an image seen): copy and write in one op each
+            cache = cache.copy_prefix(context.sources, slots, context.length).write_chunks(slots, context.starts, k, v)
         pick = lambda a: jnp.take_along_axis(a, last_index.reshape(-1, *[1] * (a.ndim - 1)), axis=1)[:, 0]
         if context is not None:
             rows = cache.rows(slots, context.length)
