@@ -72,6 +72,7 @@ class PrefixIndex:
     def __init__(self):
         self._holders: dict[bytes, set[int]] = collections.defaultdict(set)
         self._held: dict[int, list[bytes]] = {}
+        self.version = 0  # changes whenever what a slot holds does (lookups before it may be stale)
         self.reused_tokens = 0  # prompt positions taken from the cache instead of prefilled, in all
 
     def lookup(self, keys: list[bytes]) -> tuple[int, int]:
@@ -87,6 +88,7 @@ class PrefixIndex:
 
     def hold(self, slot: int, keys: list[bytes]) -> None:
         """`slot` now holds exactly the prefix that `keys` name (what it held before is gone)."""
+        self.version += 1
         for key in self._held.pop(slot, ()):
             holders = self._holders[key]
             holders.discard(slot)

@@ -72,6 +72,7 @@ class Sequence:
     decode_dispatched: int = 0  # decode steps sent to the device for this sequence
     cached: int = 0  # prompt positions taken from the cache (prefix caching) instead of prefilled
     source: int = -1  # the slot they are copied from
+    hit: tuple[int, int, int] | None = None  # (index version, cached, source) of the last lookup while waiting
     finish_reason: str | None = None
     error_message: str | None = None
 
@@ -118,12 +119,15 @@ class Scheduler:
         return seq
 
     def _hit(self, seq: Sequence, length_bucket) -> tuple[int, int]:
-        """(cached positions to use, the slot holding them) for a waiting sequence, as the cache is now."""
+        """(cached positions to use, the slot holding them) for a waiting sequence, as the cache is now. Kept on
+        the sequence until the index changes: the engine asks for the next group once per request it pulls."""
         if self.prefix is None:
             return 0, -1
-        matched, slot = self.prefix.lookup(seq.request.prefix.keys)
-        cached = usable(matched, seq.prompt_len, self.session_len, length_bucket)
-        return (cached, slot) if cached else (0, -1)
+        if seq.hit is None or seq.hit[0] != self.prefix.version:
+            matched, slot = self.prefix.lookup(seq.request.prefix.keys)
+            cached = usable(matched, seq.prompt_len, self.session_len, length_bucket)
+            seq.hit = (self.prefix.version, cached, slot if cached else -1)
+        return seq.hit[1:]
 
     def group_size(self, length_bucket) -> int:
         """How many waiting sequences (FIFO) the next prefill takes: as many as fit its token budget (rows padded
