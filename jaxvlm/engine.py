@@ -2,8 +2,8 @@
 
 Each iteration admits waiting requests into free slots (one batched vision call and one batched prefill: of whole
 prompts, or, with prefix caching, of what follows the prefixes that slots already hold), then dispatches one
-decode step for every running slot. Results are read two dispatches late: while the device runs
-step n the host processes step n-2 (stop rules, detokenization), so the host never stalls the device. A slot
+decode step for every running slot. Results are read two dispatches late: while the device runs step n the host
+processes step n-2 (stop rules, detokenization), so the host never stalls the device. A slot
 that finished is thus decoded up to twice more; those tokens are dropped, and the slot is then released (marked
 idle on the device, so decode attention stops reading its cache).
 """

@@ -3,7 +3,8 @@
 Every parameter carries logical axis names (`axes` metadata) that `sharding.py` maps to mesh axes. Layers are
 kept as separate modules (not stacked and scanned): on GPU a scan over stacked weights pays a copy per layer.
 The decoder runs in two shapes: `prefill` (a padded batch of prompt chunks, causal: whole prompts, or with a
-`PrefixContext` the rest of prompts whose start is already cached) and `decode` (one token per cache slot). Weights are loaded by `params.py`; this file only computes.
+`PrefixContext` the rest of prompts whose start is already cached) and `decode` (one token per cache slot).
+Weights are loaded by `params.py`; this file only computes.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ NEWLINE = -2  # feature_index value of the LLaVA-NeXT image_newline token
 
 
 class PrefixContext(NamedTuple):
-    """Prefill chunks that continue cached prefixes (prefix caching): chunk b goes to positions starts[b]..,
-    after the first starts[b] positions of slot sources[b] are copied into its own slot."""
+    """Prefill chunks that continue cached prefixes (prefix caching): the first `length` positions of slot
+    sources[b] are copied into chunk b's own slot, then the chunk is written from position starts[b] on."""
 
     starts: jax.Array  # i32[B]
     sources: jax.Array  # i32[B]

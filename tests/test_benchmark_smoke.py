@@ -72,7 +72,7 @@ def test_every_row_is_a_positive_number_for_every_system(smoke):
     counts = doc["meta"]["settings"]["counts"]
     assert counts == [4]
     rows = ["decode_tok_s_b1", "decode_roofline_fraction", "decode_tok_s_b1_offline_engine", "ttft_ms_llava15_336",
-            "ttft_ms_llava16_640x480",
+            "ttft_ms_llava16_640x480", "ttft_ms_llava16_640x480_prefix",
             *[f"offline_tok_s_{n}" for n in counts], *[f"offline_tok_s_{n}_int8" for n in counts],
             *[f"offline_tok_s_{n}_prefix" for n in counts], "warmup_s",
             "start_to_first_answer_s_cold", "start_to_first_answer_s_warm"]
@@ -84,6 +84,7 @@ def test_every_row_is_a_positive_number_for_every_system(smoke):
         if system != "jaxvlm":
             # jaxvlm's int8 KV cache and prefix caching only
             assert all(table[f"offline_tok_s_{n}_{kind}"] == "n/a" for n in counts for kind in ("int8", "prefix"))
+            assert table["ttft_ms_llava16_640x480_prefix"] == "n/a"
             bad = {row: v for row, v in bad.items() if not row.endswith(("_int8", "_prefix"))}
             # On a loaded CPU, transformers' timings are erratic (a 1-token request has been measured slower
             # than a 24-token one, eager and compiled); the script then marks the decode rate invalid with its
@@ -115,6 +116,7 @@ def test_measurements_are_consistent(smoke):
     assert d["jaxvlm"]["offline/offline_4_compiles_while_measuring"] == 0
     assert d["jaxvlm-int8"]["offline/offline_4_compiles_while_measuring"] == 0
     assert d["jaxvlm-prefix"]["offline/offline_4_compiles_while_measuring"] == 0
+    assert d["jaxvlm-prefix"]["1.6-latency/compiles_while_measuring"] == 0
     # the smoke run's 4 requests have 4 images and one prefill group: nothing to reuse, and nothing reused
     assert d["jaxvlm-prefix"]["offline/offline_4_reused_tokens"] == 0
     # one engine per step: the batch-1 engine has one slot, the offline one fits every request

@@ -136,7 +136,8 @@ def test_a_failed_prefill_leaves_nothing_recorded(llava15_hf):
     del runner.prefill
     keys = prompt_keys(*_ids_and_images(pipe, prompt)).keys
     assert pipe.engine.prefix.lookup(keys) == (0, -1)
-    assert pipe(prompt, gen_config=gen).token_ids == _make(llava15_hf, max_batch_size=2)(prompt, gen_config=gen).token_ids
+    plain = _make(llava15_hf, max_batch_size=2)
+    assert pipe(prompt, gen_config=gen).token_ids == plain(prompt, gen_config=gen).token_ids
     assert _reused(pipe) == 0
 
 
