@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """jaxvlm vs transformers on LLaVA-1.5-7B / LLaVA-1.6-vicuna-7B shaped checkpoints, in one command.
 
-    python benchmarks/run.py [--json out.json] [--only jaxvlm|transformers] [--skip-static] [--smoke]
+    python benchmarks/run.py [--json out.json] [--only NAMES] [--skip NAMES] [--smoke]
 
 Offline by construction: random-weight bf16 checkpoints with the real llava-hf configs, a generated
 32000-piece LLaMA-like tokenizer and generated images are written to --model-dir (once) and reused.
@@ -727,37 +727,35 @@ def plan_phases(s: Settings, args: argparse.Namespace, scratch: Path) -> list[Ph
         Phase("checkpoints", "setup", dict(base, kind="checkpoints"), 400 if big else 120),
         Phase("bandwidth", "setup", dict(base, kind="bandwidth", bytes=s.bandwidth_bytes), 90 if big else 60),
     ]
-    if args.only in (None, "jaxvlm"):
-        phases += [
-            Phase("jaxvlm", "jaxvlm", dict(jaxvlm, steps=jax_steps), 400 if big else 180),
-            # The cold start's engine settings and first request, now with the cache that process left.
-            Phase("jaxvlm-warm-start", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="1.5-latency",
-                                                                          tasks=["first"])]), 150 if big else 120),
-            # The same offline runs with LMDeploy's int8 KV cache (quant_policy=8): twice the slots fit.
-            Phase("jaxvlm-int8", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="offline", tasks=["throughput"],
-                                                                    max_batch_size=max(s.counts), quant_policy=8)]),
-                  240 if big else 120),
-            # And with prefix caching (LMDeploy's enable_prefix_caching): the requests ask about 8 images, so a
-            # request whose image an earlier one brought prefills only its own question.
-            # Its 1.6 latency step asks about the same image again: only the vision-free last token is prefilled.
-            Phase("jaxvlm-prefix", "jaxvlm", dict(jaxvlm, steps=[
-                dict(lat15, name="offline", tasks=["throughput"], max_batch_size=max(s.counts), prefix_caching=True),
-                {"name": "1.6-latency", "version": "1.6", "tasks": ["ttft"], "session_len": s.session_len_16,
-                 "max_batch_size": 1, "prefix_caching": True}]),
-                  300 if big else 150),
-        ]
-    if args.only in (None, "transformers"):
-        phases.append(Phase("transformers", "transformers", dict(transformers, steps=torch_steps),
-                            300 if big else 120))
-        if not args.skip_static:
-            phases += [
-                Phase("transformers-static", "transformers-static", dict(static, steps=torch_steps),
-                      420 if big else 120, inductor),
-                Phase("transformers-static-warm-start", "transformers-static",
-                      dict(static, steps=[{"name": "1.5", "version": "1.5", "tasks": ["first"]}]),
-                      180 if big else 120, inductor),
-            ]
-    return phases
+    phases += [
+        Phase("jaxvlm", "jaxvlm", dict(jaxvlm, steps=jax_steps), 400 if big else 180),
+        # The cold start's engine settings and first request, now with the cache that process left.
+        Phase("jaxvlm-warm-start", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="1.5-latency",
+                                                                      tasks=["first"])]), 150 if big else 120),
+        # The same offline runs with LMDeploy's int8 KV cache (quant_policy=8): twice the slots fit.
+        Phase("jaxvlm-int8", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="offline", tasks=["throughput"],
+                                                                max_batch_size=max(s.counts), quant_policy=8)]),
+              240 if big else 120),
+        # And with prefix caching (LMDeploy's enable_prefix_caching): the requests ask about 8 images, so a
+        # request whose image an earlier one brought prefills only its own question.
+        # Its 1.6 latency step asks about the same image again: only the vision-free last token is prefilled.
+        Phase("jaxvlm-prefix", "jaxvlm", dict(jaxvlm, steps=[
+            dict(lat15, name="offline", tasks=["throughput"], max_batch_size=max(s.counts), prefix_caching=True),
+            {"name": "1.6-latency", "version": "1.6", "tasks": ["ttft"], "session_len": s.session_len_16,
+             "max_batch_size": 1, "prefix_caching": True}]),
+              300 if big else 150),
+        Phase("transformers", "transformers", dict(transformers, steps=torch_steps), 300 if big else 120),
+        Phase("transformers-static", "transformers-static", dict(static, steps=torch_steps),
+              420 if big else 120, inductor),
+        Phase("transformers-static-warm-start", "transformers-static",
+              dict(static, steps=[{"name": "1.5", "version": "1.5", "tasks": ["first"]}]),
+              180 if big else 120, inductor),
+    ]
+    # The setup phases always run. A name is a phase's or a system's; in --only, "transformers" takes both its modes.
+    only, skip = (set(names.split(",")) if names else set() for names in (args.only, args.skip))
+    return [p for p in phases if p.system == "setup" or (
+        (not only or p.name in only or p.system in only or p.system.split("-")[0] in only)
+        and p.name not in skip and p.system not in skip)]
 
 
 @dataclasses.dataclass
@@ -987,8 +985,8 @@ def build_table(s: Settings, results: dict, status: list[dict]) -> tuple[dict, d
     roof = roofline(s, results, prompt)
     table: dict[str, dict] = {}
     for system, (phase, lat15, lat16, offline, warm) in SOURCES.items():
-        if phase not in state:
-            continue
+        if phase not in state and not (system == "jaxvlm" and {"jaxvlm-int8", "jaxvlm-prefix"} & state.keys()):
+            continue  # (jaxvlm's int8 and prefix-caching rows get its column when they ran alone)
         dec = value(phase, f"{lat15}/decode_tok_s")
         if isinstance(dec, (int, float)):
             fraction = dec / roof["tok_s"] if roof else "no bandwidth"
@@ -1062,8 +1060,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, small counts: checks the whole flow")
     p.add_argument("--json", help="write the results (table, per-phase details, phase log) here")
-    p.add_argument("--only", choices=("jaxvlm", "transformers"), help="run one system's phases only")
-    p.add_argument("--skip-static", action="store_true", help="skip transformers' static-cache (compiled) runs")
+    p.add_argument("--only", help="comma-separated systems (jaxvlm, transformers, transformers-static) or phases "
+                   "(jaxvlm-int8, ...) to run; the checkpoints and bandwidth always run")
+    p.add_argument("--skip", help="comma-separated systems or phases not to run, e.g. transformers-static")
     p.add_argument("--model-dir", default="/tmp/jaxvlm-bench", help="where the checkpoints are written/reused")
     p.add_argument("--budget", type=float, help="seconds for the whole run (default 540; --smoke 300)")
     p.add_argument("--requests", help="comma-separated offline request counts (default 64,256; --smoke 4)")
