@@ -85,6 +85,11 @@ class Sequence:
         the vision tower need not see them)."""
         return [im for im in self.request.images if im.start + len(im.layout) > cached]
 
+# A continuation row gathers its whole context (cached prefix + chunk) to copy and attend over, so a group's rows x
+# context positions stay within this many token budgets. Unbounded, an H200 run's group of 128 rows of ~700
+# positions asked XLA for 31 GiB of temporaries, past the memory the cache leaves free.
+CONTEXT_BUDGETS = 2
+
 
 class Scheduler:
     def __init__(self, num_slots: int, session_len: int, max_prefill_tokens: int, max_prefill_tiles: int | None,
@@ -134,7 +139,7 @@ class Scheduler:
         to a power of two, at the longest chunk's bucket), its vision batch and the free slots. The first one
         always goes (a prompt over the budget runs alone), unless no slot is free. A group is all whole prompts or
         all continuations of cached prefixes (one program each), and a continuation's chunk, padded to the
-        group's length, must still fit its slot."""
+        group's length, must still fit its slot, and the group's contexts fit `CONTEXT_BUDGETS`."""
         longest = tiles = n = furthest = 0
         kind = None
         for seq in itertools.islice(self.waiting, len(self.free_slots)):
@@ -146,8 +151,10 @@ class Scheduler:
             rows = 1 << n.bit_length()  # prefill rows are padded to a power of two
             tiles += sum(im.num_tiles for im in seq.images_after(cached))
             too_many_tiles = self.max_prefill_tiles is not None and tiles > self.max_prefill_tiles
+            context = furthest + length_bucket(longest)
             if n and ((cached > 0) != kind or length_bucket(longest) * rows > self.max_prefill_tokens
-                      or too_many_tiles or furthest + length_bucket(longest) > self.session_len):
+                      or too_many_tiles or context > self.session_len
+                      or kind and context * rows > CONTEXT_BUDGETS * self.max_prefill_tokens):
                 break
             n += 1
         return n

@@ -16,7 +16,7 @@ from jaxvlm.kernels.attention import context_attention, prefill_attention
 from jaxvlm.kv_cache import LayerCache, quantize
 from jaxvlm.prefix_cache import BLOCK, MAX_SUFFIX, PrefixIndex, prompt_keys, usable
 from jaxvlm.prompts import Conversation, normalize_prompt
-from jaxvlm.scheduler import EngineRequest, ImageInput, Scheduler
+from jaxvlm.scheduler import CONTEXT_BUDGETS, EngineRequest, ImageInput, Scheduler
 from test_engine import _reference_tokens  # tests/ is on sys.path (conftest.py)
 
 
@@ -216,6 +216,23 @@ def test_prefill_groups_keep_whole_prompts_and_continuations_apart():
     assert [s.cached for s in second] == [0]  # a whole prompt: a group of its own
     assert [s.cached for s in sched.admit(bucket)] == [192]
     assert index.reused_tokens == 3 * 192
+
+
+def test_a_continuation_group_is_bounded_by_the_context_it_gathers():
+    index = PrefixIndex()
+    shared = np.arange(200, dtype=np.int32) + 3
+    request = lambda tail: EngineRequest(0, np.concatenate([shared, tail]).astype(np.int32), [],
+                                         GenerationConfig(max_new_tokens=4))
+    index.hold(0, prompt_keys(request([7]).token_ids, []).keys)
+    # 4 rows of 32 tokens fit the token budget (128 <= 256), but 4 rows of 192 + 32 positions do not fit
+    # CONTEXT_BUDGETS x 256 = 512: groups of 2.
+    sched = Scheduler(num_slots=8, session_len=512, max_prefill_tokens=256, max_prefill_tiles=None, prefix=index)
+    sched.free_slots = list(range(1, 8))
+    for tail in range(4):
+        sched.add(request([10 + tail]))
+    bucket = lambda n: max(32, 1 << (n - 1).bit_length())
+    assert CONTEXT_BUDGETS == 2
+    assert [[s.cached for s in sched.admit(bucket)] for _ in range(2)] == [[192, 192], [192, 192]]
 
 
 # ------------------------------------------------------------------------------------------------ device pieces
