@@ -85,6 +85,7 @@ class Sequence:
         the vision tower need not see them)."""
         return [im for im in self.request.images if im.start + len(im.layout) > cached]
 
+
 # A continuation row gathers its whole context (cached prefix + chunk) to copy and attend over, so a group's rows x
 # context positions stay within this many token budgets. Unbounded, an H200 run's group of 128 rows of ~700
 # positions asked XLA for 31 GiB of temporaries, past the memory the cache leaves free.
