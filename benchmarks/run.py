@@ -726,8 +726,6 @@ def plan_phases(s: Settings, args: argparse.Namespace, scratch: Path) -> list[Ph
     phases = [
         Phase("checkpoints", "setup", dict(base, kind="checkpoints"), 400 if big else 120),
         Phase("bandwidth", "setup", dict(base, kind="bandwidth", bytes=s.bandwidth_bytes), 90 if big else 60),
-    ]
-    phases += [
         Phase("jaxvlm", "jaxvlm", dict(jaxvlm, steps=jax_steps), 400 if big else 180),
         # The cold start's engine settings and first request, now with the cache that process left.
         Phase("jaxvlm-warm-start", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="1.5-latency",
@@ -966,6 +964,7 @@ def roofline(s: Settings, results: dict, prompt_tokens: int | None) -> dict | No
 
 def build_table(s: Settings, results: dict, status: list[dict]) -> tuple[dict, dict | None, list[str]]:
     state = {e["phase"]: e.get("status", "running") for e in status}
+    ran = {e["system"] for e in status}
     notes: list[str] = []
 
     def value(phase: str, key: str) -> Any:
@@ -985,8 +984,8 @@ def build_table(s: Settings, results: dict, status: list[dict]) -> tuple[dict, d
     roof = roofline(s, results, prompt)
     table: dict[str, dict] = {}
     for system, (phase, lat15, lat16, offline, warm) in SOURCES.items():
-        if phase not in state and not (system == "jaxvlm" and {"jaxvlm-int8", "jaxvlm-prefix"} & state.keys()):
-            continue  # (jaxvlm's int8 and prefix-caching rows get its column when they ran alone)
+        if system not in ran:  # a column for each system any phase ran for (jaxvlm-int8 alone gives jaxvlm's)
+            continue
         dec = value(phase, f"{lat15}/decode_tok_s")
         if isinstance(dec, (int, float)):
             fraction = dec / roof["tok_s"] if roof else "no bandwidth"
