@@ -16,6 +16,7 @@ from jaxvlm.kernels.attention import context_attention, prefill_attention
 from jaxvlm.kv_cache import LayerCache, quantize
 from jaxvlm.prefix_cache import BLOCK, MAX_SUFFIX, PrefixIndex, prompt_keys, usable
 from jaxvlm.prompts import Conversation, normalize_prompt
+from jaxvlm.runner import Buckets
 from jaxvlm.scheduler import CONTEXT_BUDGETS, EngineRequest, ImageInput, Scheduler
 from test_engine import _reference_tokens  # tests/ is on sys.path (conftest.py)
 
@@ -26,6 +27,10 @@ def _image(seed: int, w: int = 60, h: int = 48) -> Image.Image:
 
 def _make(tiny, **kw):
     return pipeline(str(tiny.path), backend_config=EngineConfig(session_len=512, **kw))
+
+
+# The engine's prefill lengths (powers of two from 32 up to 512 tokens).
+_bucket = Buckets(max_len=4096, max_prefill_tokens=8192, num_slots=8).prefill_length
 
 
 def _reused(pipe) -> int:
@@ -188,13 +193,12 @@ def test_index_finds_the_longest_held_prefix_and_forgets_replaced_content():
 
 
 def test_a_hit_is_used_only_for_a_short_rest_that_fits_the_slot():
-    chunk = lambda n: max(32, 1 << (n - 1).bit_length())
-    assert usable(608, 650, 1024, chunk) == 608
-    assert usable(640, 640, 1024, chunk) == 639  # the last token is always computed
-    assert usable(32, 650, 1024, chunk) == 0  # saves less than it leaves
-    assert usable(608 + MAX_SUFFIX, 608 + 2 * MAX_SUFFIX + 1, 4096, chunk) == 0  # the rest is too long
-    assert usable(992, 1000, 1024, chunk) == 992 and usable(1000, 1020, 1024, chunk) == 0  # 1000 + 32 > 1024
-    assert usable(0, 10, 1024, chunk) == 0
+    assert usable(608, 650, 1024, _bucket) == 608
+    assert usable(640, 640, 1024, _bucket) == 639  # the last token is always computed
+    assert usable(32, 650, 1024, _bucket) == 0  # saves less than it leaves
+    assert usable(608 + MAX_SUFFIX, 608 + 2 * MAX_SUFFIX + 1, 4096, _bucket) == 0  # the rest is too long
+    assert usable(992, 1000, 1024, _bucket) == 992 and usable(1000, 1020, 1024, _bucket) == 0  # 1000 + 32 > 1024
+    assert usable(0, 10, 1024, _bucket) == 0
 
 
 def test_prefill_groups_keep_whole_prompts_and_continuations_apart():
@@ -208,13 +212,12 @@ def test_prefill_groups_keep_whole_prompts_and_continuations_apart():
     continued = lambda tail: request(np.concatenate([shared, tail]).astype(np.int32))
     for r in (continued([9]), continued([10, 11]), request(np.arange(90, dtype=np.int32) + 5), continued([12])):
         sched.add(r)
-    bucket = lambda n: max(32, 1 << (n - 1).bit_length())
-    first = sched.admit(bucket)
+    first = sched.admit(_bucket)
     assert [s.cached for s in first] == [192, 192] and [s.source for s in first] == [0, 0]
     assert [s.slot for s in first] == [1, 2]
-    second = sched.admit(bucket)
+    second = sched.admit(_bucket)
     assert [s.cached for s in second] == [0]  # a whole prompt: a group of its own
-    assert [s.cached for s in sched.admit(bucket)] == [192]
+    assert [s.cached for s in sched.admit(_bucket)] == [192]
     assert index.reused_tokens == 3 * 192
 
 
@@ -230,9 +233,8 @@ def test_a_continuation_group_is_bounded_by_the_context_it_gathers():
     sched.free_slots = list(range(1, 8))
     for tail in range(4):
         sched.add(request([10 + tail]))
-    bucket = lambda n: max(32, 1 << (n - 1).bit_length())
     assert CONTEXT_BUDGETS == 2
-    assert [[s.cached for s in sched.admit(bucket)] for _ in range(2)] == [[192, 192], [192, 192]]
+    assert [[s.cached for s in sched.admit(_bucket)] for _ in range(2)] == [[192, 192], [192, 192]]
 
 
 # ------------------------------------------------------------------------------------------------ device pieces
