@@ -77,15 +77,16 @@ class Buckets:
     dp: int = 1  # data-parallel replicas splitting the slots
 
     def prefill_length(self, n: int) -> int:
-        """Prefill is compute-bound, so its padding costs in full: past 512 tokens its buckets are eight per
-        octave (576, 640, ..., 1024, 1152, ...), padding under 1/8. A 655-token llava-1.5 prompt pads to 704,
-        not 768 (about 1.4 ms of a 7B prefill on an H100). Decode keeps the coarser rule: it is bandwidth-bound,
-        and each new bucket there is a program compiled mid-generation."""
+        """Prefill is compute-bound, so its padding costs in full: past 512 tokens its buckets are sixteen per
+        octave in steps of at least 64 tokens (576, 640, ..., 1024, 1088, ..., 2048, 2176, ...), padding under
+        1/8 up to 1024 and under 1/16 past it. A 655-token llava-1.5 prompt pads to 704, not 768; a 2,399-token
+        llava-1.6 one to 2,432, not 2,560 (1.7 ms of a 7B prefill on an H100). Decode keeps the coarser rule: it
+        is bandwidth-bound, and each new bucket there is a program compiled mid-generation."""
         if self.prefill_lengths:
             return next((b for b in self.prefill_lengths if b >= n), self.max_len)
         if n <= 512:
             return min(self.max_len, _pow2_at_least(n, 32))
-        step = 1 << (n.bit_length() - 4)  # an eighth of the octave n falls in
+        step = max(64, 1 << (n.bit_length() - 5))  # a sixteenth of the octave n falls in
         return min(self.max_len, -(-n // step) * step)
 
     def prefill_batch(self, n: int, length: int) -> int:

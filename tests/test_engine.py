@@ -162,18 +162,18 @@ def test_logprobs(llava15_hf):
 
 
 def test_prefill_buckets_pad_little_and_stay_few():
-    """Past 512 tokens a prompt pads by under 1/8 (prefill is compute-bound), with eight buckets per octave;
-    below, powers of two; explicit buckets win; nothing exceeds the session."""
+    """Past 512 tokens a prompt pads by under 1/8, past 1024 by under 1/16 (prefill is compute-bound), in steps of
+    at least 64 tokens; below, powers of two; explicit buckets win; nothing exceeds the session."""
     from jaxvlm.runner import Buckets
 
     b = Buckets(max_len=4096, max_prefill_tokens=8192, num_slots=4)
     lengths = [b.prefill_length(n) for n in range(1, 4097)]
     assert all(n <= length <= 4096 for n, length in zip(range(1, 4097), lengths))
     assert all(length - n < n / 8 for n, length in zip(range(513, 4097), lengths[512:]))
+    assert all(length - n < n / 16 for n, length in zip(range(1025, 4097), lengths[1024:]))
     assert lengths == sorted(lengths)
-    assert sorted(set(lengths[512:])) == [512 + 64 * i for i in range(1, 9)] + [1024 + 128 * i for i in range(1, 9)] \
-        + [2048 + 256 * i for i in range(1, 9)]
-    assert (b.prefill_length(655), b.prefill_length(2399)) == (704, 2560)
+    assert sorted(set(lengths[512:])) == [512 + 64 * i for i in range(1, 25)] + [2048 + 128 * i for i in range(1, 17)]
+    assert (b.prefill_length(655), b.prefill_length(2399)) == (704, 2432)
     assert Buckets(max_len=600, max_prefill_tokens=8192, num_slots=4).prefill_length(590) == 600
     assert Buckets(4096, 8192, 4, prefill_lengths=(100, 1000)).prefill_length(655) == 1000
     assert b.kv_length(655) == 768  # decode keeps its coarser buckets
