@@ -86,7 +86,7 @@ class Buckets:
             return next((b for b in self.prefill_lengths if b >= n), self.max_len)
         if n <= 512:
             return min(self.max_len, _pow2_at_least(n, 32))
-        step = max(64, 1 << (n.bit_length() - 5))  # a sixteenth of the octave n falls in
+        step = max(64, 1 << (n.bit_length() - 5))  # a sixteenth of n's octave, but never under 64 tokens
         return min(self.max_len, -(-n // step) * step)
 
     def prefill_batch(self, n: int, length: int) -> int:
