@@ -15,6 +15,8 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm import sampling
@@ -66,7 +68,8 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- prefill
 
-    def _feature_rows(self, group: list[Sequence]) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+    def _feature_rows(self, group: list[Sequence]) -> tuple[np.ndarray | jax.Array | None, np.ndarray | None,
+                                                            np.ndarray]:
         """The group's tiles stacked for one vision call (with their value table, if uint8), and each prompt
         position's feature row. Images wholly inside a cached prefix are left out (their rows stay -1)."""
         rows_of = np.full((len(group), max(s.prompt_len for s in group)), -1, np.int32)
@@ -87,7 +90,8 @@ class Engine:
             tiles = [im.tiles for im in images]  # uint8: normalized on the device
         else:
             table, tiles = None, [im.pixel_values.astype(np.float32, copy=False) for im in images]
-        return tiles[0] if len(tiles) == 1 else np.concatenate(tiles), table, rows_of
+        xp = jnp if any(isinstance(t, jax.Array) for t in tiles) else np  # tiles the processor made on the device
+        return tiles[0] if len(tiles) == 1 else xp.concatenate(tiles), table, rows_of
 
     def _prefill(self, group: list[Sequence]) -> sampling.SampleOutput:
         """One prefill of the group's chunks: whole prompts, or (all members alike, `Scheduler.group_size`) what

@@ -1,4 +1,4 @@
-"""Pixel preprocessing for LLaVA-1.5 and LLaVA-NeXT with pillow and numpy only.
+"""Pixel preprocessing for LLaVA-1.5 and LLaVA-NeXT: PIL and numpy on the host, or the same resize on the device.
 
 Two families of checkpoints are served, each matched to its own reference:
 
@@ -7,8 +7,9 @@ Two families of checkpoints are served, each matched to its own reference:
 * original haotian-liu/LLaVA (``from_original``): ``process_images`` with ``image_aspect_ratio`` "pad",
   "anyres" or anything else (plain CLIP processing).
 
-Resizing always goes through ``PIL.Image.resize`` on uint8 RGB data, and rescale/normalize use the same
-float64 -> float32 steps as transformers, so results match the references bit for bit. Images always become
+Resizing goes through ``PIL.Image.resize`` on uint8 RGB data, or with ``on_device`` through ``resample.py``'s
+tables, which give PIL's bytes on the accelerator; rescale/normalize use the same float64 -> float32 steps as
+transformers, so results match the references bit for bit. Images always become
 3-channel RGB (``do_convert_rgb`` is not consulted): the vision towers take nothing else.
 """
 
@@ -17,9 +18,7 @@ from __future__ import annotations
 import ast
 import functools
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .anyres import feature_layout, grid_shape, select_best_resolution
+from .resample import FILTERS, render
 
 __all__ = ["ProcessedImage", "ImageProcessor", "CLIP_VIT_L_336_PREPROCESSOR"]
 
@@ -115,6 +115,9 @@ class ImageProcessor:
     resample: int = BICUBIC
     pad_color: tuple[int, int, int] = (122, 116, 104)
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    # Resize on the accelerator (`resample.py`, bit-identical to PIL): the host's PIL resize of a 640x480 image
+    # into LLaVA-NeXT's tiles was ~10 ms of the time to first token on a GPU machine's host.
+    on_device: bool = False
 
     def __post_init__(self) -> None:
         if self.aspect not in ("crop", "pad", "anyres"):
@@ -201,13 +204,49 @@ class ImageProcessor:
         grid = None
         if self.aspect == "anyres":
             grid = grid_shape((height, width), self.grid_pinpoints, self.tile_size, self.convention)  # type: ignore[arg-type]
-            tiles = self._anyres_tiles(rgb)
-        elif self.aspect == "pad":
-            tiles = [_pad_to_square(rgb, self.pad_color)]
+        plan = self._device_plan(rgb) if self.on_device else None
+        if plan is not None:
+            crops = render(*plan)
         else:
-            tiles = [rgb]
-        crops = np.stack([self._resize_and_crop(tile) for tile in tiles])
+            if self.aspect == "anyres":
+                tiles = self._anyres_tiles(rgb)
+            elif self.aspect == "pad":
+                tiles = [_pad_to_square(rgb, self.pad_color)]
+            else:
+                tiles = [rgb]
+            crops = np.stack([self._resize_and_crop(tile) for tile in tiles])
         return ProcessedImage(tiles=crops, image_size=(height, width), grid=grid, value_table=self._value_table)
+
+    def _device_plan(self, rgb: np.ndarray) -> tuple[np.ndarray, int, list[tuple], tuple[int, int]] | None:
+        """The source, filter, canvases (output size, canvas size, offset) and tile size that give this image's
+        tiles in one device call, or None where the processing has no such form (a filter with no exact device
+        form, or anyres tiles that a second resize or crop would change)."""
+        height, width = rgb.shape[:2]
+        if self.aspect == "anyres":
+            tile = self.tile_size
+            resample = BICUBIC if self.convention == "original" else self.resample
+            base_hw = self.resize_hw if self.resize_hw is not None else (self.shortest_edge, self.shortest_edge)
+            if tuple(base_hw) != (tile, tile) or not self._keeps(tile, tile) or resample not in FILTERS:
+                return None
+            canvas = select_best_resolution((height, width), self.grid_pinpoints, self.convention)  # type: ignore[arg-type]
+            fit_h, fit_w = _fit_inside((height, width), canvas)
+            offset = ((canvas[0] - fit_h) // 2, (canvas[1] - fit_w) // 2)
+            return rgb, resample, [((tile, tile), (tile, tile), (0, 0)), ((fit_h, fit_w), canvas, offset)], (tile, tile)
+        source = _pad_to_square(rgb, self.pad_color) if self.aspect == "pad" else rgb
+        size = source.shape[:2]
+        if self.do_resize:
+            size = self._target(size)
+        canvas = tuple(self.crop_hw if self.do_center_crop and self.crop_hw is not None else size)
+        if self.resample not in FILTERS:
+            return None
+        (src_y, dst_y, _), (src_x, dst_x, _) = _crop_axis(size[0], canvas[0]), _crop_axis(size[1], canvas[1])
+        return source, self.resample, [(tuple(size), canvas, (dst_y - src_y, dst_x - src_x))], canvas
+
+    def _keeps(self, height: int, width: int) -> bool:
+        """Whether `_resize_and_crop` returns a tile of this size unchanged."""
+        if self.do_resize and tuple(self._target((height, width))) != (height, width):
+            return False
+        return not (self.do_center_crop and self.crop_hw is not None) or tuple(self.crop_hw) == (height, width)
 
     def _to_rgb(self, image: Image.Image) -> np.ndarray:
         if self.convention == "original":
@@ -227,30 +266,31 @@ class ImageProcessor:
         # The original calls PIL's resize without a filter (bicubic); transformers passes its resample.
         resample = BICUBIC if self.convention == "original" else self.resample
 
-        # Both resizes run at once, each split by channel across the pixel workers (`_resize_async`).
         base_hw = self.resize_hw if self.resize_hw is not None else (self.shortest_edge, self.shortest_edge)
-        channels = Image.fromarray(rgb).split()
-        base = _resize_async(channels, base_hw, resample)
+        base = _resize(rgb, base_hw, resample)
         fit_h, fit_w = _fit_inside((height, width), (canvas_h, canvas_w))
-        fitted = _resize_async(channels, (fit_h, fit_w), resample)
+        fitted = _resize(rgb, (fit_h, fit_w), resample)
         canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
         top, left = (canvas_h - fit_h) // 2, (canvas_w - fit_w) // 2
-        canvas[top : top + fit_h, left : left + fit_w] = fitted()
+        canvas[top : top + fit_h, left : left + fit_w] = fitted
 
         tile = self.tile_size
         grid_tiles = [
             canvas[y : y + tile, x : x + tile] for y in range(0, canvas_h, tile) for x in range(0, canvas_w, tile)
         ]
-        return [base(), *grid_tiles]
+        return [base, *grid_tiles]
+
+    def _target(self, size_hw: Sequence[int]) -> tuple[int, int]:
+        """What the resize step makes of an image of ``size_hw``."""
+        if self.resize_hw is not None:
+            return tuple(self.resize_hw)  # type: ignore[return-value]
+        return _short_side_size(size_hw, int(self.shortest_edge))  # type: ignore[arg-type]
 
     def _resize_and_crop(self, tile: np.ndarray) -> np.ndarray:
         """Resize and centre crop one HWC uint8 tile."""
         out: np.ndarray = tile
         if self.do_resize:
-            if self.resize_hw is not None:
-                target = self.resize_hw
-            else:
-                target = _short_side_size(out.shape[:2], int(self.shortest_edge))  # type: ignore[arg-type]
+            target = self._target(out.shape[:2])
             if tuple(target) != out.shape[:2]:  # PIL returns a same-size resize as a copy: skip the round trip
                 out = _resize(out, target, self.resample)
         if self.do_center_crop and self.crop_hw is not None:
@@ -372,28 +412,9 @@ def normalize_tiles(tiles: np.ndarray, value_table: np.ndarray) -> np.ndarray:
     return out
 
 
-@functools.cache
-def _pixel_pool() -> ThreadPoolExecutor:
-    """Workers for the independent pieces of one image. Only request threads submit to it and its tasks never
-    wait on each other, so the threads preparing a batch can share it without deadlock."""
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="jaxvlm-pixels")
-
-
-def _resize_async(channels: Sequence[Image.Image], size_hw: Sequence[int], resample: int) -> Callable[[], np.ndarray]:
-    """Starts a resize of an RGB image, given as its split() channels, on the pixel workers, one task per channel;
-    the returned call waits for it and gives the HWC uint8 result.
-
-    PIL resamples each channel of an RGB image with the same fixed-point coefficients and arithmetic, so the
-    channels resized as separate 'L' images are bit-identical to the RGB resize (tested), and pillow releases
-    the GIL while resizing: a 640x480 image's bicubic upscale to 672x504 takes a third of the time on three
-    workers."""
-    height, width = (int(v) for v in size_hw)
-    bands = [_pixel_pool().submit(band.resize, (width, height), resample=resample) for band in channels]
-    return lambda: np.stack([np.asarray(band.result()) for band in bands], axis=-1)
-
-
 def _resize(rgb: np.ndarray, size_hw: Sequence[int], resample: int) -> np.ndarray:
-    return _resize_async(Image.fromarray(rgb).split(), size_hw, resample)()
+    height, width = (int(v) for v in size_hw)
+    return np.asarray(Image.fromarray(rgb).resize((width, height), resample=resample))
 
 
 def _short_side_size(size_hw: Sequence[int], shortest_edge: int) -> tuple[int, int]:

@@ -178,15 +178,21 @@ def rope_frequencies(c: TextConfig) -> jax.Array:
     return inv
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """x [..., T, H, D] rotated by positions [..., T] (the rotate-half layout of HF LLaMA weights)."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [..., T, D/2]
-    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[..., None, :]
-    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[..., None, :]
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+Rope = tuple[jax.Array, jax.Array]
+
+
+def rope_table(positions: jax.Array, inv_freq: jax.Array) -> Rope:
+    """cos and sin [..., T, 1, D/2] of positions [..., T], made once per forward and read by every layer."""
+    angles = positions[..., None, None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
+    """x [..., T, H, D] rotated in float32, in the rotate-half layout of HF LLaMA weights (each half turned
+    against the other, then the two joined)."""
+    cos, sin = rope
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -203,14 +209,14 @@ class Attention(nnx.Module):
         self.qkv_bias = (param((kvh, self.group + 2, hd), dtype, ("kv_heads", None, "head_dim"))
                          if c.attention_bias else None)
 
-    def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+    def qkv(self, x: jax.Array, rope: Rope):
         qkv = jnp.einsum("...d,dkgh->...kgh", x, self.qkv_proj[...])
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...]
         g = self.group
         q = qkv[..., :g, :].reshape(*qkv.shape[:-3], -1, qkv.shape[-1])  # query head i belongs to KV head i // g
         k, v = qkv[..., g, :], qkv[..., g + 1, :]
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        return apply_rope(q, rope), apply_rope(k, rope), v
 
     def out(self, attn: jax.Array) -> jax.Array:
         return jnp.einsum("...hk,hkd->...d", attn, self.o_proj[...])
@@ -239,14 +245,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.mlp = MLP(c, dtype)
 
-    def prefill(self, x, positions, inv_freq, cache: LayerCache, slots, last_index=None,
-                context: PrefixContext | None = None):
+    def prefill(self, x, rope: Rope, cache: LayerCache, slots, last_index=None, context: PrefixContext | None = None):
         """x [B, L, D]; writes this chunk's k/v at cache rows `slots`, positions 0..L-1 (with a `context`: the
         cached prefix is copied in first, and the chunk goes after it). Given `last_index` [B] (the final layer,
         whose output matters at each prompt's last token only), attention output, o_proj and the MLP run for
         those B rows, not B x L (about 2.5% of a 32-layer prefill), and it returns [B, D]. Whole prompts attend
         to the chunk's own k/v, never the (possibly int8) cache; a continued chunk attends to its cache row."""
-        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions, inv_freq)
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), rope)
         k_rows, v_rows = k.swapaxes(1, 2), v.swapaxes(1, 2)  # the cache layout [B, KVH, L, D]
         if context is None:
             for b in range(x.shape[0]):  # B is small and static: one in-place slice update per prompt
@@ -271,10 +276,10 @@ class DecoderLayer(nnx.Module):
             x = pick(x) + self.self_attn.out(attn)
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
-    def decode(self, x, positions, lengths, inv_freq, cache: LayerCache, kv_len: int, attention_impl: str | None):
+    def decode(self, x, positions, lengths, rope: Rope, cache: LayerCache, kv_len: int, attention_impl: str | None):
         """x [S, D], one token per slot at `positions` [S]; slot s attends to its first `lengths[s]` cache
         entries (0: an idle slot), all within the first `kv_len`."""
-        q, k, v = self.self_attn.qkv(self.input_layernorm(x)[:, None], positions[:, None], inv_freq)
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x)[:, None], rope)
         cache = cache.write_tokens(positions, k[:, 0], v[:, 0])
         attn = decode_attention(q[:, 0], cache.k, cache.v, lengths, kv_len, k_scale=cache.k_scale,
                                 v_scale=cache.v_scale, impl=attention_impl)
@@ -313,15 +318,15 @@ class LlamaModel(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         if context is not None:
             positions = positions + context.starts[:, None]
-        inv_freq = rope_frequencies(self.config)
+        rope = rope_table(positions, rope_frequencies(self.config))
         final = self.layers[-1] if last_index is not None else None
         return self._layers(x, cache, lambda layer, h, c: layer.prefill(
-            h, positions, inv_freq, c, slots, last_index if layer is final else None, context))
+            h, rope, c, slots, last_index if layer is final else None, context))
 
     def decode(self, x: jax.Array, positions: jax.Array, lengths: jax.Array, cache: KVCache, kv_len: int,
                attention_impl: str | None = None) -> tuple[jax.Array, KVCache]:
-        inv_freq = rope_frequencies(self.config)
-        return self._layers(x, cache, lambda layer, h, c: layer.decode(h, positions, lengths, inv_freq, c, kv_len,
+        rope = rope_table(positions[:, None], rope_frequencies(self.config))
+        return self._layers(x, cache, lambda layer, h, c: layer.decode(h, positions, lengths, rope, c, kv_len,
                                                                         attention_impl))
 
 

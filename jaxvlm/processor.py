@@ -7,10 +7,12 @@ between images separately and splices the features in (`tokenizer_image_token` i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -63,6 +65,8 @@ class InputProcessor:
         else:
             clip_pre = tower_dir / "preprocessor_config.json" if tower_dir else None
             images = ImageProcessor.from_original(raw, read_json(clip_pre) if clip_pre and clip_pre.exists() else None)
+        # An accelerator resizes in microseconds what PIL takes milliseconds for; a CPU backend keeps PIL.
+        images = dataclasses.replace(images, on_device=jax.default_backend() != "cpu")
         eos = set()
         for source in (raw, raw.get("text_config") or {}, _maybe_json(model_dir / "generation_config.json")):
             e = source.get("eos_token_id")

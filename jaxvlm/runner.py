@@ -215,14 +215,15 @@ class ModelRunner:
             self.compiled.add(key)
             log.info("compiling %s (%d programs so far)", key, len(self.compiled))
 
-    def encode_images(self, pixels: np.ndarray, value_table: np.ndarray | None = None) -> jax.Array:
+    def encode_images(self, pixels: np.ndarray | jax.Array, value_table: np.ndarray | None = None) -> jax.Array:
         """Tiles -> flat features, padded to a tile bucket; returns the padded feature rows. Tiles are f32 [N, C,
         S, S] normalized pixels, or uint8 [N, S, S, C] with the [C, 256] table that normalizes them (a quarter of
         the bytes to transfer, and no host pass over the pixels)."""
         n = pixels.shape[0]
         padded = self.buckets.tiles(n)
         if padded > n:
-            pixels = np.concatenate([pixels, np.zeros((padded - n, *pixels.shape[1:]), pixels.dtype)])
+            xp = jnp if isinstance(pixels, jax.Array) else np
+            pixels = xp.concatenate([pixels, xp.zeros((padded - n, *pixels.shape[1:]), pixels.dtype)])
         self._note_compile(("vision", padded, pixels.dtype.name))
         return self._encode(self._leaves, pixels, value_table)
 

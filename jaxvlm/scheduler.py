@@ -14,6 +14,7 @@ import heapq
 import itertools
 from collections import deque
 
+import jax
 import numpy as np
 
 from jaxvlm.config import GenerationConfig
@@ -26,7 +27,7 @@ class ImageInput:
     """One image of a prompt, ready for the vision tower: uint8 tiles with the table that normalizes them (from
     the processor; the gather runs on the device), or float32 pixels already normalized (value_table None)."""
 
-    tiles: np.ndarray  # uint8 [n, S, S, C] with a value_table, else f32 [n, C, S, S]
+    tiles: np.ndarray | jax.Array  # uint8 [n, S, S, C] (host or device) with a value_table, else f32 [n, C, S, S]
     layout: np.ndarray  # i32 [k]: rows of this image's features (tiles * tokens_per_tile, then newline)
     start: int  # the position in the prompt where its k feature tokens begin
     value_table: np.ndarray | None = None  # f32 [C, 256]: the normalized value of each uint8 in each channel

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -15,7 +17,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-from jaxvlm.image_processing import CLIP_VIT_L_336_PREPROCESSOR, ImageProcessor, ProcessedImage, _resize
+from jaxvlm.image_processing import CLIP_VIT_L_336_PREPROCESSOR, ImageProcessor, ProcessedImage
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -99,12 +101,15 @@ def _reference_tiles(processor, image: Image.Image) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- llava-hf
+@pytest.mark.parametrize("on_device", [False, True], ids=["pil", "device"])
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
-def test_from_hf_matches_transformers(name, hf_reference):
+def test_from_hf_matches_transformers(name, on_device, hf_reference):
+    """Both resize paths: PIL on the host, and `resample.py`'s tables on the device (XLA here)."""
     ref = hf_reference[name]
-    mine = ImageProcessor.from_hf(HF_CONFIGS[name])
+    mine = dataclasses.replace(ImageProcessor.from_hf(HF_CONFIGS[name]), on_device=on_device)
     for image in _images_for(name):
         out = mine(image)
+        assert isinstance(out.tiles, jax.Array) == on_device  # every config here has a device form
         expected = _reference_tiles(ref, image)
         assert out.pixel_values.dtype == np.float32
         assert out.image_size == (image.height, image.width)
@@ -129,13 +134,14 @@ def test_other_modes_match_transformers(mode, hf_reference):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 120), st.integers(1, 120), st.sampled_from(["RGB", "RGBA"]))
-def test_random_sizes_match_transformers(width, height, mode):
+@given(st.integers(1, 120), st.integers(1, 120), st.sampled_from(["RGB", "RGBA"]), st.booleans())
+def test_random_sizes_match_transformers(width, height, mode, on_device):
     image = _image(width, height, mode)
     for name, cls in [("llava-tiny-pad", LlavaImageProcessorPil), ("next-tiny", LlavaNextImageProcessorPil)]:
         cfg = {k: v for k, v in HF_CONFIGS[name].items() if k != "image_processor_type"}
         expected = _reference_tiles(cls(**cfg), image)
-        np.testing.assert_allclose(ImageProcessor.from_hf(HF_CONFIGS[name])(image).pixel_values, expected, atol=1e-6)
+        mine = dataclasses.replace(ImageProcessor.from_hf(HF_CONFIGS[name]), on_device=on_device)
+        np.testing.assert_allclose(mine(image).pixel_values, expected, atol=1e-6)
 
 
 def test_field_defaults_follow_transformers():
@@ -175,11 +181,13 @@ def test_original_clip_defaults_are_openai_336():
     assert proc.pad_color == (122, 116, 104) and proc.convention == "original"
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["pil", "device"])
 @pytest.mark.parametrize("clip_config", [None, _tiny("CLIPImageProcessor", 28)])
-def test_original_pad_matches_llava_do_pad(clip_config):
+def test_original_pad_matches_llava_do_pad(clip_config, on_device):
     side = 336 if clip_config is None else 28
     ref = LlavaImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, do_pad=True)
-    mine = ImageProcessor.from_original({"image_aspect_ratio": "pad"}, clip_config)
+    mine = dataclasses.replace(ImageProcessor.from_original({"image_aspect_ratio": "pad"}, clip_config),
+                               on_device=on_device)
     for width, height in SHAPES + [(300, 200)]:
         image = _image(width, height)
         np.testing.assert_allclose(mine(image).pixel_values, _reference_tiles(ref, image), atol=1e-6)
@@ -205,13 +213,15 @@ def test_original_other_ratios_use_plain_clip(ratio):
         np.testing.assert_allclose(out.pixel_values, _reference_tiles(ref, image), atol=1e-6)
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["pil", "device"])
 @pytest.mark.parametrize("tiny", [True, False])
-def test_original_anyres_matches_next_outside_ties(tiny):
+def test_original_anyres_matches_next_outside_ties(tiny, on_device):
     side, pinpoints = (32, TINY_PINPOINTS) if tiny else (336, DEFAULT_PINPOINTS)
     clip_config = _tiny("CLIPImageProcessor", side) if tiny else None
     mine = ImageProcessor.from_original(
         {"image_aspect_ratio": "anyres", "image_grid_pinpoints": str([tuple(p) for p in pinpoints])}, clip_config
     )
+    mine = dataclasses.replace(mine, on_device=on_device)
     ref = LlavaNextImageProcessorPil(
         size={"shortest_edge": side}, crop_size={"height": side, "width": side}, image_grid_pinpoints=pinpoints
     )
@@ -280,13 +290,3 @@ def test_errors():
         ImageProcessor.from_hf(HF_CONFIGS["clip-tiny"])(np.zeros((4, 4, 3), np.uint8))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="multiple of the tile size"):
         ImageProcessor.from_hf(_tiny("LlavaNextImageProcessor", 32, image_grid_pinpoints=[[30, 60]]))(_image(9, 9))
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.integers(1, 90), st.integers(1, 90), st.integers(1, 120), st.integers(1, 120),
-       st.sampled_from([Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS]))
-def test_channel_split_resize_is_pils_rgb_resize(width, height, out_width, out_height, resample):
-    """`_resize` runs one task per channel; PIL's RGB resize is the reference, bit for bit."""
-    rgb = np.asarray(_image(width, height))
-    expected = np.asarray(Image.fromarray(rgb).resize((out_width, out_height), resample=resample))
-    np.testing.assert_array_equal(_resize(rgb, (out_height, out_width), int(resample)), expected)

@@ -3,6 +3,7 @@ local models and images served by a loopback HTTP server; and end-to-end parity 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import io
@@ -12,6 +13,7 @@ import sys
 import textwrap
 import threading
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -188,6 +190,23 @@ def test_image_runs_are_placed_as_transformers_places_them(request, name):
         run = len(im.layout)
         assert is_image[im.start : im.start + run].all()
         assert not is_image[im.start - 1] and not is_image[im.start + run]
+
+
+@pytest.mark.parametrize("name", ["llava15_hf", "llava_next_hf"])
+def test_tiles_resized_on_the_device_give_the_same_answers(request, name, image_server):
+    """On an accelerator the processor resizes on the device (`resample.py`); here XLA's CPU backend runs that
+    path through the whole pipeline (a batch, two images in one prompt) against the host's PIL tiles."""
+    tiny = request.getfixturevalue(name)
+    pipe = pipeline(str(tiny.path), backend_config=TurbomindEngineConfig(session_len=1024))
+    tiger, pose, det = (load_image(f"{image_server}/{n}") for n in ("tiger.jpeg", "human-pose.jpg", "det.jpg"))
+    prompts = [("describe", tiger), (f"compare {IMAGE_TOKEN} with {IMAGE_TOKEN}", [pose, det]), ("again", tiger)]
+    gen = GenerationConfig(max_new_tokens=8)
+    assert not pipe.processor.image_processor.on_device  # the default on a CPU backend
+    on_host = pipe(prompts, gen_config=gen)
+    pipe.processor.image_processor = dataclasses.replace(pipe.processor.image_processor, on_device=True)
+    request_ = pipe.processor.make_request(0, normalize_prompt(prompts[1]), gen)
+    assert all(isinstance(im.tiles, jax.Array) for im in request_.images)
+    assert [r.token_ids for r in pipe(prompts, gen_config=gen)] == [r.token_ids for r in on_host]
 
 
 def test_a_single_prompt_is_prepared_on_the_calling_thread(next_pipe, monkeypatch):
