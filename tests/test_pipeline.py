@@ -111,11 +111,17 @@ def test_tensor_parallel_example_on_virtual_devices(llava_next_hf, image_server)
         image = load_image({image_server + "/tiger.jpeg"!r})
         response = pipe(('describe this image', image))
         print("TOKENS", response.token_ids)
+        # tiles made on the (first) device, as on an accelerator, then used by the model on both
+        import dataclasses
+        processor = pipe.processor
+        processor.image_processor = dataclasses.replace(processor.image_processor, on_device=True)
+        print("DEVICE", pipe(('describe this image', image)).token_ids)
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    tokens = eval(out.stdout.split("TOKENS", 1)[1])
+    tokens, device_tiles = (eval(part) for part in out.stdout.split("TOKENS", 1)[1].split("DEVICE"))
+    assert device_tiles == tokens
     single = pipeline(str(llava_next_hf.path))(("describe this image", load_image(f"{image_server}/tiger.jpeg")))
     assert tokens == single.token_ids
 
