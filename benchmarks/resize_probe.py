@@ -48,7 +48,7 @@ def main() -> None:
             same = np.array_equal(host(image).tiles, np.asarray(device(image).tiles))
             repeats = 5 if width > 2000 else 25
             pil = _median_ms(lambda: host(image), repeats)
-            dev = _median_ms(lambda: device(image).tiles.block_until_ready(), repeats)
+            dev = _median_ms(lambda: jax.block_until_ready(device(image).tiles), repeats)
             print(f"{name} {width}x{height}: PIL {pil:.2f} ms, device {dev:.2f} ms (to the tiles on the device), "
                   f"bit-identical: {same}", flush=True)
 
