@@ -75,7 +75,7 @@ class ProcessedImage:
     and normalizes them. The engine ships the tiles as they are (a quarter of the float32 bytes) and gathers
     through the table on the device; `pixel_values` does the same gather on the host."""
 
-    tiles: np.ndarray  # uint8 [num_tiles, S, S, 3]; tile 0 = whole image (NeXT: base image)
+    tiles: Any  # uint8 [num_tiles, S, S, 3], numpy or a device array; tile 0: the whole (NeXT: base) image
     image_size: tuple[int, int]  # original (height, width)
     grid: tuple[int, int] | None  # NeXT: (rows, cols) of the grid tiles; None for LLaVA-1.5
     value_table: np.ndarray | None = None  # float32 [3, 256]: each channel's normalized value of each uint8
