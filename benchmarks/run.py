@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -566,9 +567,10 @@ def _jaxvlm_step(s: Settings, step: dict, cache_dir: str | None, rec: Recorder) 
     pipe.close()
 
 
+@functools.cache  # one listener per process, however many steps ask
 def _count_xla_compiles():
-    """A counter of every program XLA compiles in this process from now on (the engine's steps, the resize
-    programs, eager ops), so that "compiles while measuring" misses none; persistent-cache hits do not count."""
+    """A counter of every program XLA compiles in this process (the engine's steps, the resize programs, eager
+    ops), so that "compiles while measuring" misses none; persistent-cache hits do not count."""
     import jax
 
     count = [0]

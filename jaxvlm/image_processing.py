@@ -205,8 +205,7 @@ class ImageProcessor:
         if self.aspect == "anyres":
             grid = grid_shape((height, width), self.grid_pinpoints, self.tile_size, self.convention)  # type: ignore[arg-type]
         plan = self._device_plan(rgb) if self.on_device else None
-        # Where nothing is resized the host only copies pixels: faster than a device call.
-        if plan is not None and any(tuple(out) != plan[0].shape[:2] for out, _, _ in plan[2]):
+        if plan is not None:
             crops = render(*plan)
         else:
             if self.aspect == "anyres":
@@ -221,27 +220,34 @@ class ImageProcessor:
     def _device_plan(self, rgb: np.ndarray) -> tuple[np.ndarray, int, list[tuple], tuple[int, int]] | None:
         """The source, filter, canvases (output size, canvas size, offset) and tile size that give this image's
         tiles in one device call, or None where the processing has no such form (a filter with no exact device
-        form, or anyres tiles that a second resize or crop would change)."""
-        height, width = rgb.shape[:2]
+        form, or anyres tiles that a second resize or crop would change) or nothing is resized (the host then
+        only copies pixels, faster than a device call)."""
         if self.aspect == "anyres":
             tile = self.tile_size
-            resample = BICUBIC if self.convention == "original" else self.resample
-            base_hw = self.resize_hw if self.resize_hw is not None else (self.shortest_edge, self.shortest_edge)
-            if tuple(base_hw) != (tile, tile) or not self._keeps(tile, tile) or resample not in FILTERS:
+            source, (resample, canvases) = rgb, self._anyres_canvases(*rgb.shape[:2])
+            if canvases[0][0] != (tile, tile) or not self._keeps(tile, tile):
                 return None
-            canvas = select_best_resolution((height, width), self.grid_pinpoints, self.convention)  # type: ignore[arg-type]
-            fit_h, fit_w = _fit_inside((height, width), canvas)
-            offset = ((canvas[0] - fit_h) // 2, (canvas[1] - fit_w) // 2)
-            return rgb, resample, [((tile, tile), (tile, tile), (0, 0)), ((fit_h, fit_w), canvas, offset)], (tile, tile)
-        source = _pad_to_square(rgb, self.pad_color) if self.aspect == "pad" else rgb
-        size = source.shape[:2]
-        if self.do_resize:
-            size = self._target(size)
-        canvas = tuple(self.crop_hw if self.do_center_crop and self.crop_hw is not None else size)
-        if self.resample not in FILTERS:
+            tile_hw = (tile, tile)
+        else:
+            source = _pad_to_square(rgb, self.pad_color) if self.aspect == "pad" else rgb
+            size = tuple(self._target(source.shape[:2]) if self.do_resize else source.shape[:2])
+            tile_hw = tuple(self.crop_hw if self.do_center_crop and self.crop_hw is not None else size)
+            (src_y, dst_y, _), (src_x, dst_x, _) = _crop_axis(size[0], tile_hw[0]), _crop_axis(size[1], tile_hw[1])
+            resample, canvases = self.resample, [(size, tile_hw, (dst_y - src_y, dst_x - src_x))]
+        if resample not in FILTERS or all(out == source.shape[:2] for out, _, _ in canvases):
             return None
-        (src_y, dst_y, _), (src_x, dst_x, _) = _crop_axis(size[0], canvas[0]), _crop_axis(size[1], canvas[1])
-        return source, self.resample, [(tuple(size), canvas, (dst_y - src_y, dst_x - src_x))], canvas
+        return source, resample, canvases, tile_hw
+
+    def _anyres_canvases(self, height: int, width: int) -> tuple[int, list[tuple]]:
+        """LLaVA-NeXT's filter and its two canvases, as (output size, canvas size, offset): the base image resized
+        to its own canvas, and the image fitted into the chosen pinpoint's canvas, centred."""
+        # The original calls PIL's resize without a filter (bicubic); transformers passes its resample.
+        resample = BICUBIC if self.convention == "original" else self.resample
+        base_hw = tuple(self.resize_hw) if self.resize_hw is not None else (self.shortest_edge, self.shortest_edge)
+        canvas = select_best_resolution((height, width), self.grid_pinpoints, self.convention)  # type: ignore[arg-type]
+        fit_h, fit_w = _fit_inside((height, width), canvas)
+        offset = ((canvas[0] - fit_h) // 2, (canvas[1] - fit_w) // 2)
+        return resample, [(base_hw, base_hw, (0, 0)), ((fit_h, fit_w), canvas, offset)]
 
     def _keeps(self, height: int, width: int) -> bool:
         """Whether `_resize_and_crop` returns a tile of this size unchanged."""
@@ -262,18 +268,11 @@ class ImageProcessor:
         return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
 
     def _anyres_tiles(self, rgb: np.ndarray) -> list[np.ndarray]:
-        height, width = rgb.shape[:2]
-        canvas_h, canvas_w = select_best_resolution((height, width), self.grid_pinpoints, self.convention)  # type: ignore[arg-type]
-        # The original calls PIL's resize without a filter (bicubic); transformers passes its resample.
-        resample = BICUBIC if self.convention == "original" else self.resample
-
-        base_hw = self.resize_hw if self.resize_hw is not None else (self.shortest_edge, self.shortest_edge)
+        resample, [(base_hw, _, _), ((fit_h, fit_w), (canvas_h, canvas_w), (top, left))] = \
+            self._anyres_canvases(*rgb.shape[:2])
         base = _resize(rgb, base_hw, resample)
-        fit_h, fit_w = _fit_inside((height, width), (canvas_h, canvas_w))
-        fitted = _resize(rgb, (fit_h, fit_w), resample)
         canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
-        top, left = (canvas_h - fit_h) // 2, (canvas_w - fit_w) // 2
-        canvas[top : top + fit_h, left : left + fit_w] = fitted
+        canvas[top : top + fit_h, left : left + fit_w] = _resize(rgb, (fit_h, fit_w), resample)
 
         tile = self.tile_size
         grid_tiles = [

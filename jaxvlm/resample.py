@@ -52,7 +52,6 @@ FILTERS = {
 }
 
 
-@functools.lru_cache(maxsize=256)
 def axis_table(in_size: int, out_size: int, resample: int, canvas: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
     """One pass along an axis: source indices and int32 weights [canvas, taps]. Canvas position p shows position
     p - offset of `in_size` pixels resized to `out_size`; outside that span its weights are zero, so it renders
@@ -152,5 +151,5 @@ def _bucket(n: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _device_table(*key: int) -> tuple[jax.Array, jax.Array]:
-    """`axis_table` kept on the device: images of one size then send only their pixels."""
+    """`axis_table` kept on the device (the one cache of it): images of one size then send only their pixels."""
     return tuple(jnp.asarray(a) for a in axis_table(*key))  # type: ignore[return-value]
