@@ -90,6 +90,20 @@ class ProcessedImage:
         return normalize_tiles(self.tiles, self.value_table)
 
 
+@functools.cache
+def _transformers_composites_alpha() -> bool:
+    """Whether the installed transformers puts transparent pixels onto white (recent releases) or drops alpha
+    (5.17 and before); llava-hf processing follows the release it would be compared with."""
+    from transformers.image_transforms import convert_to_rgb
+
+    clear = Image.new("RGBA", (1, 1), (0, 0, 0, 0))
+    try:
+        rgb = convert_to_rgb(clear, return_numpy=True)
+    except TypeError:  # releases that drop alpha take no return_numpy
+        rgb = convert_to_rgb(clear)
+    return bool(np.asarray(rgb).reshape(-1)[0] == 255)
+
+
 @dataclass(frozen=True)
 class ImageProcessor:
     """Preprocessing settings; call it on a PIL image.
@@ -260,9 +274,8 @@ class ImageProcessor:
             # The original repo loads with convert('RGB'), which simply drops alpha.
             return np.asarray(image.convert("RGB"))
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-        if not has_alpha:
+        if not has_alpha or not _transformers_composites_alpha():
             return np.asarray(image.convert("RGB"))
-        # transformers composites transparent pixels onto white.
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))

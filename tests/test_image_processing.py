@@ -17,6 +17,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
+from jaxvlm import image_processing
 from jaxvlm.image_processing import CLIP_VIT_L_336_PREPROCESSOR, ImageProcessor, ProcessedImage
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -136,6 +137,23 @@ def test_other_modes_match_transformers(mode, hf_reference):
         np.testing.assert_allclose(out.pixel_values, _reference_tiles(hf_reference[name], image), rtol=0, atol=1e-6)
 
 
+def test_alpha_follows_the_installed_transformers(monkeypatch):
+    """transformers 5.17 and before drop alpha; later releases composite onto white. jaxvlm asks the installed
+    release, so the transformers a user compares with is matched (the test above covers the installed one)."""
+    import transformers.image_transforms as transforms
+
+    image = _image(9, 7, "RGBA")
+    processor = ImageProcessor.from_hf(HF_CONFIGS["clip-tiny"])
+    for drops, expected in ((True, image.convert("RGB")),
+                            (False, Image.alpha_composite(Image.new("RGBA", image.size, "white"), image))):
+        monkeypatch.setattr(transforms, "convert_to_rgb", lambda im, drops=drops: im.convert("RGB") if drops
+                            else Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA")))
+        image_processing._transformers_composites_alpha.cache_clear()
+        out = processor(image).pixel_values
+        np.testing.assert_array_equal(out, processor(expected.convert("RGB")).pixel_values)
+    image_processing._transformers_composites_alpha.cache_clear()
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 120), st.integers(1, 120), st.sampled_from(["RGB", "RGBA"]), st.booleans())
 def test_random_sizes_match_transformers(width, height, mode, on_device):
@@ -202,7 +220,8 @@ def test_original_drops_alpha():
     original = ImageProcessor.from_original({"image_aspect_ratio": "pad"}, _tiny("CLIPImageProcessor", 28))(image)
     hf = ImageProcessor.from_hf(HF_CONFIGS["llava-tiny-pad"])(image)
     np.testing.assert_allclose(original.pixel_values, _reference_tiles(ref, image.convert("RGB")), atol=1e-6)
-    assert not np.allclose(original.pixel_values, hf.pixel_values)  # transformers composites on white
+    # llava-hf processing differs from it exactly when the installed transformers composites onto white
+    assert np.allclose(original.pixel_values, hf.pixel_values) != image_processing._transformers_composites_alpha()
 
 
 @pytest.mark.parametrize("ratio", [None, "square", "pad_and_crop"])

@@ -97,10 +97,13 @@ def test_multi_image_and_batch_examples(next_pipe, image_server):
     one = next_pipe(("describe these images", images[:1]))
     assert both.input_token_len > one.input_token_len  # the second image's tokens are in the prompt
     prompts = [("describe this image", load_image(u)) for u in urls]
-    batch = next_pipe(prompts)
-    assert [r.index for r in batch] == [0, 1]
-    for prompt, r in zip(prompts, batch):
-        assert next_pipe(prompt).token_ids == r.token_ids
+    assert [r.index for r in next_pipe(prompts)] == [0, 1]
+    # A prompt's answer does not depend on its batch. 64 tokens: on a GPU the kernels of a two-row and a one-row
+    # prefill sum in different orders, and a random tiny model's long greedy runs meet near-ties (seen at token
+    # 462 on an H200).
+    gen = GenerationConfig(max_new_tokens=64)
+    for prompt, r in zip(prompts, next_pipe(prompts, gen_config=gen)):
+        assert next_pipe(prompt, gen_config=gen).token_ids == r.token_ids
 
 
 def test_tensor_parallel_example_on_virtual_devices(llava_next_hf, image_server):
@@ -200,14 +203,15 @@ def test_image_runs_are_placed_as_transformers_places_them(request, name):
 
 @pytest.mark.parametrize("name", ["llava15_hf", "llava_next_hf"])
 def test_tiles_resized_on_the_device_give_the_same_answers(request, name, image_server):
-    """On an accelerator the processor resizes on the device (`resample.py`); here XLA's CPU backend runs that
-    path through the whole pipeline (a batch, two images in one prompt) against the host's PIL tiles."""
+    """On an accelerator the processor resizes on the device (`resample.py`); both paths run through the whole
+    pipeline (a batch, two images in one prompt) on any backend, the host's PIL tiles against the device's."""
     tiny = request.getfixturevalue(name)
     pipe = pipeline(str(tiny.path), backend_config=TurbomindEngineConfig(session_len=1024))
     tiger, pose, det = (load_image(f"{image_server}/{n}") for n in ("tiger.jpeg", "human-pose.jpg", "det.jpg"))
     prompts = [("describe", tiger), (f"compare {IMAGE_TOKEN} with {IMAGE_TOKEN}", [pose, det]), ("again", tiger)]
     gen = GenerationConfig(max_new_tokens=8)
-    assert not pipe.processor.image_processor.on_device  # the default on a CPU backend
+    assert pipe.processor.image_processor.on_device == (jax.default_backend() != "cpu")  # the default
+    pipe.processor.image_processor = dataclasses.replace(pipe.processor.image_processor, on_device=False)
     on_host = pipe(prompts, gen_config=gen)
     pipe.processor.image_processor = dataclasses.replace(pipe.processor.image_processor, on_device=True)
     request_ = pipe.processor.make_request(0, normalize_prompt(prompts[1]), gen)
