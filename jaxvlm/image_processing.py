@@ -79,6 +79,7 @@ class ProcessedImage:
     image_size: tuple[int, int]  # original (height, width)
     grid: tuple[int, int] | None  # NeXT: (rows, cols) of the grid tiles; None for LLaVA-1.5
     value_table: np.ndarray | None = None  # float32 [3, 256]: each channel's normalized value of each uint8
+    source: np.ndarray | None = None  # device tiles: the host uint8 RGB image they were made from
 
     @property
     def num_tiles(self) -> int:
@@ -229,7 +230,8 @@ class ImageProcessor:
             else:
                 tiles = [rgb]
             crops = np.stack([self._resize_and_crop(tile) for tile in tiles])
-        return ProcessedImage(tiles=crops, image_size=(height, width), grid=grid, value_table=self._value_table)
+        return ProcessedImage(tiles=crops, image_size=(height, width), grid=grid, value_table=self._value_table,
+                              source=rgb if plan is not None else None)
 
     def _device_plan(self, rgb: np.ndarray) -> tuple[np.ndarray, int, list[tuple], tuple[int, int]] | None:
         """The source, filter, canvases (output size, canvas size, offset) and tile size that give this image's

@@ -42,11 +42,13 @@ class PromptKeys:
 
 
 def prompt_keys(token_ids: np.ndarray, images) -> PromptKeys:
-    """`images`: the request's `ImageInput`s (tiles, layout, start)."""
+    """`images`: the request's `ImageInput`s (tiles or their source, layout, start)."""
     content = np.asarray(token_ids, np.int64).copy()
     for im in images:
         h = hashlib.blake2b(digest_size=8)
-        for part in (im.tiles, np.asarray(im.layout)):
+        # Device tiles are named by the host image they were made from (the processor is the engine's own):
+        # reading them back would wait for the device's queue.
+        for part in (im.tiles if im.source is None else im.source, np.asarray(im.layout)):
             h.update(f"{part.dtype}{part.shape}".encode())
             h.update(np.ascontiguousarray(part).tobytes())
         base = np.uint64(int.from_bytes(h.digest(), "little") >> 2)

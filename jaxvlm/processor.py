@@ -158,7 +158,7 @@ class InputProcessor:
         return EngineRequest(
             index=index,
             token_ids=ids,
-            images=[ImageInput(p.tiles, layout, s, p.value_table) for (p, layout), s in zip(processed, starts)],
+            images=[ImageInput(p.tiles, layout, s, p.value_table, p.source) for (p, layout), s in zip(processed, starts)],
             gen_config=gen,
             stop_ids=stop,
             stop_strings=strings,

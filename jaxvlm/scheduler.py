@@ -31,6 +31,8 @@ class ImageInput:
     layout: np.ndarray  # i32 [k]: rows of this image's features (tiles * tokens_per_tile, then newline)
     start: int  # the position in the prompt where its k feature tokens begin
     value_table: np.ndarray | None = None  # f32 [C, 256]: the normalized value of each uint8 in each channel
+    source: np.ndarray | None = None  # device tiles: the host image they were made from, which names them (prefix
+    # caching) without reading them back from the device
 
     @property
     def num_tiles(self) -> int:

@@ -5,6 +5,8 @@ chunk."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +71,19 @@ def test_repeated_images_reuse_the_cache_and_change_nothing(request, name):
     assert _reused(pipe) >= 6 * ((image.start + len(image.layout)) // BLOCK * BLOCK)
     assert any(key[0] == "prefill" and key[-1] is not None for key in pipe.model.runner.compiled)
     assert cached[3].token_ids == _reference_tokens(pipe, tiny, prompts[3], 8)
+
+
+def test_images_resized_on_the_device_reuse_the_cache(llava15_hf):
+    """Device tiles are named by their host source (no read back); the same picture still finds its prefix."""
+    images = [_image(s) for s in range(2)]
+    prompts = [(f"question {i}: what is it?", images[i % 2]) for i in range(6)]
+    gen = GenerationConfig(max_new_tokens=6, ignore_eos=True, logprobs=3)
+    plain = _make(llava15_hf, max_batch_size=2)(prompts, gen_config=gen)
+    pipe = _make(llava15_hf, max_batch_size=2, enable_prefix_caching=True)
+    pipe.processor.image_processor = dataclasses.replace(pipe.processor.image_processor, on_device=True)
+    assert isinstance(_ids_and_images(pipe, prompts[0])[1][0].tiles, jax.Array)
+    _assert_same(pipe(prompts, gen_config=gen), plain)
+    assert _reused(pipe) > 0
 
 
 def test_next_chat_turn_reuses_the_whole_first_turn(llava_next_hf):
@@ -175,6 +190,21 @@ def test_keys_follow_tokens_and_image_content_not_placeholder_ids():
     # generated tokens extend the prompt's blocks as if they were prompt tokens
     longer = np.concatenate([ids(32000), np.arange(30, dtype=np.int32)])
     assert a.extended(list(range(30))) == prompt_keys(longer, picture(0)).keys
+
+
+def test_device_tiles_are_named_by_their_source_without_reading_them_back():
+    class Unreadable:  # stands in for tiles still being resized on the device
+        dtype, shape = np.dtype(np.uint8), (1, 8, 8, 3)
+
+        def __array__(self, *args, **kwargs):
+            raise AssertionError("the tiles were read back")
+
+    layout = np.arange(40, dtype=np.int32)
+    ids = np.arange(100, dtype=np.int32)
+    picture = lambda seed: [ImageInput(Unreadable(), layout, 20, source=_tile(seed)[0])]
+    keys = prompt_keys(ids, picture(0)).keys
+    assert prompt_keys(ids, picture(0)).keys == keys
+    assert prompt_keys(ids, picture(1)).keys[1] != keys[1]
 
 
 def test_index_finds_the_longest_held_prefix_and_forgets_replaced_content():
