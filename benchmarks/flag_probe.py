@@ -51,11 +51,11 @@ def per_call_ms(call, reset, calls: int, repeats: int = 5) -> float:
 
 
 def decode_case(model, used: int, slots: int, options: dict, cache_dtype=jnp.bfloat16,
-                impl: str | None = None) -> tuple[float, float]:
-    """`used` running sequences in the first slots of a `slots`-slot engine (`impl` None: the runner's
-    choice)."""
+                attention_impl: str | None = None) -> tuple[float, float]:
+    """`used` running sequences in the first slots of a `slots`-slot engine (`attention_impl` None: the
+    runner's choice)."""
     runner = ModelRunner(model, num_slots=slots, max_len=1024, cache_dtype=cache_dtype)
-    runner._impl = impl or runner._impl
+    runner._attention_impl = attention_impl or runner._attention_impl
     runner._decode = jax.jit(runner._decode_fn, static_argnames=("rows", "kv_len", "greedy_only", "num_logprobs"),
                              donate_argnames=("cache", "state"), compiler_options=options)
     active = np.arange(slots) < used

@@ -34,7 +34,7 @@ def main() -> None:
         gc.collect()  # the previous case's runner (its jitted methods hold a reference cycle) and its cache
         _, ms = decode_case(model, args.slots, args.slots, {},
                             cache_dtype=jnp.int8 if name.startswith("int8") else jnp.bfloat16,
-                            impl="xla" if name.endswith("-xla") else None)
+                            attention_impl="xla" if name.endswith("-xla") else None)
         print(json.dumps({"case": case, "slots": args.slots, "ms": round(ms, 3)}), flush=True)
     ragged_decode.ragged_decode_attention = kernel
 

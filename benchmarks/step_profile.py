@@ -90,8 +90,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for case in cases:
         if case.startswith("decode"):
-            # "decode<slots>[-xla][-full][-int8]": XLA for every op (no Pallas kernels); every slot running (else
-            # only slot 0, while the step still computes all `slots` rows); an int8 cache. Sequences are 700 tokens.
+            # "decode<slots>[-xla][-full][-int8]": XLA's decode attention; every slot running (else only slot 0,
+            # while the step still computes all `slots` rows); an int8 cache. Sequences are 700 tokens long.
             size, *flags = case.removeprefix("decode").split("-")
             slots = int(size.removesuffix("xla"))
             runner = call = None  # the previous case's cache is freed before this one's is made
@@ -99,7 +99,7 @@ def main() -> None:
             runner = ModelRunner(model, num_slots=slots, max_len=1024,
                                  cache_dtype=jnp.int8 if "int8" in flags else jnp.bfloat16)
             if size.endswith("xla") or "xla" in flags:
-                runner._impl = "xla"
+                runner._attention_impl = "xla"
             running = slots if "full" in flags else 1
             runner.state.positions = jnp.where(jnp.arange(slots) < running, 700, 0).astype(jnp.int32)
             runner.state.active = jnp.arange(slots) < running

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxvlm.kernels.attention import context_attention, decode_attention, prefill_attention
-from jaxvlm.kernels.matvec import matmul_add, norm_matmul, norm_swiglu, rms_norm, swiglu
 from jaxvlm.kv_cache import KVCache, LayerCache
 from jaxvlm.model_config import LlavaConfig, TextConfig, VisionTowerConfig
 
@@ -157,7 +156,9 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.scale[...], self.eps)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * y.astype(x.dtype)  # LLaMA rounds to the input dtype before the weight
 
 
 def rope_frequencies(c: TextConfig) -> jax.Array:
@@ -181,14 +182,13 @@ Rope = tuple[jax.Array, jax.Array]
 
 
 def rope_table(positions: jax.Array, inv_freq: jax.Array) -> Rope:
-    """cos and sin [*P, 1, D/2] of positions [*P] (for x [*P, heads, D]), made once per forward and read by every
-    layer."""
+    """cos and sin [..., T, 1, D/2] of positions [..., T], made once per forward and read by every layer."""
     angles = positions[..., None, None].astype(jnp.float32) * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
-    """x [*P, H, D] rotated in float32, in the rotate-half layout of HF LLaMA weights (each half turned
+    """x [..., T, H, D] rotated in float32, in the rotate-half layout of HF LLaMA weights (each half turned
     against the other, then the two joined)."""
     cos, sin = rope
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -209,12 +209,8 @@ class Attention(nnx.Module):
         self.qkv_bias = (param((kvh, self.group + 2, hd), dtype, ("kv_heads", None, "head_dim"))
                          if c.attention_bias else None)
 
-    def qkv(self, x: jax.Array, norm: RMSNorm, rope: Rope, impl: str | None = None):
-        """q, k, v of norm(x): x [..., D] -> [..., heads, head_dim] each, rotated by `rope` (made for x's leading
-        axes). The norm is fused into the projection on GPU for a single row (`kernels/matvec.py`)."""
-        w = self.qkv_proj[...]
-        qkv = norm_matmul(x, norm.scale[...], norm.eps, w.reshape(w.shape[0], -1), impl=impl)
-        qkv = qkv.reshape(*x.shape[:-1], *w.shape[1:])
+    def qkv(self, x: jax.Array, rope: Rope):
+        qkv = jnp.einsum("...d,dkgh->...kgh", x, self.qkv_proj[...])
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...]
         g = self.group
@@ -222,10 +218,8 @@ class Attention(nnx.Module):
         k, v = qkv[..., g, :], qkv[..., g + 1, :]
         return apply_rope(q, rope), apply_rope(k, rope), v
 
-    def out(self, attn: jax.Array, residual: jax.Array, impl: str | None = None) -> jax.Array:
-        """residual + o_proj(attn): attn [..., heads, head_dim], residual [..., D]."""
-        w = self.o_proj[...]
-        return matmul_add(attn.reshape(*attn.shape[:-2], -1), w.reshape(-1, w.shape[-1]), residual, impl=impl)
+    def out(self, attn: jax.Array) -> jax.Array:
+        return jnp.einsum("...hk,hkd->...d", attn, self.o_proj[...])
 
 
 class MLP(nnx.Module):
@@ -237,16 +231,11 @@ class MLP(nnx.Module):
         self.gate_up_bias = param((2, f), dtype, (None, "mlp")) if c.mlp_bias else None
         self.down_proj = Dense(f, d, dtype, ("mlp", "embed"), c.mlp_bias)
 
-    def __call__(self, x: jax.Array, norm: RMSNorm, impl: str | None = None) -> jax.Array:
-        """x + mlp(norm(x)); norm, SwiGLU and the residual add are fused into the two projections on GPU for a
-        single row (`kernels/matvec.py`), when there are no biases."""
-        if self.gate_up_bias is None and self.down_proj.bias is None:
-            h = norm_swiglu(x, norm.scale[...], norm.eps, self.gate_up_proj[...], impl=impl)
-            return matmul_add(h, self.down_proj.kernel[...], x, impl=impl)
-        h = jnp.einsum("...d,dtf->...tf", norm(x), self.gate_up_proj[...])
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.einsum("...d,dtf->...tf", x, self.gate_up_proj[...])
         if self.gate_up_bias is not None:
             h = h + self.gate_up_bias[...]
-        return x + self.down_proj(swiglu(h))
+        return self.down_proj(jax.nn.silu(h[..., 0, :]) * h[..., 1, :])
 
 
 class DecoderLayer(nnx.Module):
@@ -262,7 +251,7 @@ class DecoderLayer(nnx.Module):
         whose output matters at each prompt's last token only), attention output, o_proj and the MLP run for
         those B rows, not B x L (about 2.5% of a 32-layer prefill), and it returns [B, D]. Whole prompts attend
         to the chunk's own k/v, never the (possibly int8) cache; a continued chunk attends to its cache row."""
-        q, k, v = self.self_attn.qkv(x, self.input_layernorm, rope)
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), rope)
         k_rows, v_rows = k.swapaxes(1, 2), v.swapaxes(1, 2)  # the cache layout [B, KVH, L, D]
         if context is None:
             for b in range(x.shape[0]):  # B is small and static: one in-place slice update per prompt
@@ -275,28 +264,27 @@ class DecoderLayer(nnx.Module):
             attend = lambda q, starts: context_attention(q, rows.k, rows.v, starts, k_scale=rows.k_scale,
                                                          v_scale=rows.v_scale)
             if last_index is None:
-                x = self.self_attn.out(attend(q, context.starts), x)
+                x = x + self.self_attn.out(attend(q, context.starts))
             else:
                 attn = attend(pick(q)[:, None], context.starts + last_index)[:, 0]
-                x = self.self_attn.out(attn, pick(x))
+                x = pick(x) + self.self_attn.out(attn)
         elif last_index is None:
-            x = self.self_attn.out(prefill_attention(q, k, v), x)
+            x = x + self.self_attn.out(prefill_attention(q, k, v))
         else:
             # One query per prompt over its chunk: decode attention (its XLA path shards everywhere).
             attn = decode_attention(pick(q), k_rows, v_rows, last_index + 1, impl="xla")
-            x = self.self_attn.out(attn, pick(x))
-        return self.mlp(x, self.post_attention_layernorm), cache
+            x = pick(x) + self.self_attn.out(attn)
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
-    def decode(self, x, positions, lengths, rope: Rope, cache: LayerCache, kv_len: int, impl: str | None):
+    def decode(self, x, positions, lengths, rope: Rope, cache: LayerCache, kv_len: int, attention_impl: str | None):
         """x [S, D], one token per slot at `positions` [S]; slot s attends to its first `lengths[s]` cache
-        entries (0: an idle slot), all within the first `kv_len`. `impl` "xla" keeps every op on XLA's path; None
-        lets each kernel choose."""
-        q, k, v = self.self_attn.qkv(x, self.input_layernorm, rope, impl)
-        cache = cache.write_tokens(positions, k, v)
-        attn = decode_attention(q, cache.k, cache.v, lengths, kv_len, k_scale=cache.k_scale, v_scale=cache.v_scale,
-                                impl=impl)
-        x = self.self_attn.out(attn, x, impl)
-        return self.mlp(x, self.post_attention_layernorm, impl), cache
+        entries (0: an idle slot), all within the first `kv_len`."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x)[:, None], rope)
+        cache = cache.write_tokens(positions, k[:, 0], v[:, 0])
+        attn = decode_attention(q[:, 0], cache.k, cache.v, lengths, kv_len, k_scale=cache.k_scale,
+                                v_scale=cache.v_scale, impl=attention_impl)
+        x = x + self.self_attn.out(attn)
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class LlamaModel(nnx.Module):
@@ -336,9 +324,10 @@ class LlamaModel(nnx.Module):
             h, rope, c, slots, last_index if layer is final else None, context))
 
     def decode(self, x: jax.Array, positions: jax.Array, lengths: jax.Array, cache: KVCache, kv_len: int,
-               impl: str | None = None) -> tuple[jax.Array, KVCache]:
-        rope = rope_table(positions, rope_frequencies(self.config))
-        return self._layers(x, cache, lambda layer, h, c: layer.decode(h, positions, lengths, rope, c, kv_len, impl))
+               attention_impl: str | None = None) -> tuple[jax.Array, KVCache]:
+        rope = rope_table(positions[:, None], rope_frequencies(self.config))
+        return self._layers(x, cache, lambda layer, h, c: layer.decode(h, positions, lengths, rope, c, kv_len,
+                                                                        attention_impl))
 
 
 # ------------------------------------------------------------------------------------------------------ LLaVA
@@ -392,11 +381,11 @@ class Llava(nnx.Module):
         last, cache = self.prefill_hidden(tokens, features, feature_index, cache, slots, last_index, context)
         return self.language_model.logits(last), cache
 
-    def decode(self, tokens, positions, lengths, cache: KVCache, kv_len: int, impl: str | None = None):
+    def decode(self, tokens, positions, lengths, cache: KVCache, kv_len: int, attention_impl: str | None = None):
         """One token per slot: `tokens` [S] at `positions` [S]; `lengths` [S] is positions + 1 for a running slot
-        and 0 for an idle one, whose cache the GPU kernel then skips. `impl` "xla" keeps every op on XLA's path; None
-        lets each kernel choose."""
+        and 0 for an idle one, whose cache the GPU kernel then skips. `attention_impl` None lets
+        `decode_attention` choose."""
         x = self.language_model.embed(tokens)
-        h, cache = self.language_model.decode(x, positions, lengths, cache, kv_len, impl)
+        h, cache = self.language_model.decode(x, positions, lengths, cache, kv_len, attention_impl)
         return self.language_model.logits(h), cache
 

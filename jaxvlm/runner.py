@@ -131,10 +131,10 @@ class ModelRunner:
         self.state = DecodeState(zeros(), zeros(), zeros(), zeros(), jnp.zeros((num_slots,), bool),
                                  sampling.init_state(num_slots, vocab))
         self._constrain = lambda cache, state, out: (cache, state, out)
-        # The Pallas decode kernels are custom calls XLA cannot split across devices: under tp/dp they would
-        # gather the sharded cache and weights onto each device. Sharded programs keep the XLA path (splitting
-        # the kernels with shard_map needs a multi-GPU machine to measure).
-        self._impl = "xla" if mesh is not None and mesh.size > 1 else None
+        # The Pallas decode kernel is a custom call XLA cannot split across devices: under tp/dp it would gather
+        # the sharded cache onto each device. Sharded programs keep the XLA path (splitting the kernel with
+        # shard_map needs a multi-GPU machine to measure).
+        self._attention_impl = "xla" if mesh is not None and mesh.size > 1 else None
         if mesh is not None:
             shardings = sharding.state_shardings(mesh, self.config.text.num_kv_heads, self.cache, self.state)
             self.cache, self.state = jax.device_put((self.cache, self.state), shardings)
@@ -199,7 +199,7 @@ class ModelRunner:
         model = self._model(leaves)
         head = jax.tree.map(lambda a: a[:rows], state)
         lengths = jnp.where(head.active, head.positions + 1, 0)
-        logits, cache = model.decode(head.tokens, head.positions, lengths, cache, kv_len, self._impl)
+        logits, cache = model.decode(head.tokens, head.positions, lengths, cache, kv_len, self._attention_impl)
         ban_stop = head.steps < head.min_new
         out, sstate = sampling.sample(logits, head.sampling, head.steps, ban_stop, greedy_only=greedy_only,
                                       num_logprobs=num_logprobs)
