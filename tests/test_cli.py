@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jaxvlm import cli
+from jaxvlm import batch_infer, cli
 from jaxvlm.config import GenerationConfig, Response
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,11 +300,11 @@ def test_infer_refuses_an_output_another_job_is_writing(tmp_path, fake_pipe, cap
 
 def test_infer_repair_output_unit(tmp_path):
     path = tmp_path / "o.jsonl"
-    assert cli.repair_output(path) == 0  # no file yet
+    assert batch_infer.repair_output(path) == 0  # no file yet
     path.write_bytes(b'{"id": 1}\n' + b"x" * 200_000)  # a torn line longer than one scan block
-    assert cli.repair_output(path) == 200_000 and path.read_bytes() == b'{"id": 1}\n'
+    assert batch_infer.repair_output(path) == 200_000 and path.read_bytes() == b'{"id": 1}\n'
     path.write_bytes(b'{"id": 1')  # nothing complete at all
-    assert cli.repair_output(path) == 8 and path.read_bytes() == b""
+    assert batch_infer.repair_output(path) == 8 and path.read_bytes() == b""
 
 
 INFER_BIG_SCRIPT = textwrap.dedent("""
