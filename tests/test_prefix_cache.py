@@ -39,7 +39,13 @@ def _reused(pipe) -> int:
     return pipe.engine.prefix.reused_tokens
 
 
-def _assert_same(cached, plain, tolerance: float = 1e-4):
+# A continued chunk and a whole prompt are different dot shapes. On CPU their float32 results agree to ~1e-6; on a
+# GPU XLA runs float32 dots in TF32 (10 mantissa bits) by default, and the tiny models' log-probabilities then
+# differ by up to ~3e-3 (seen on an H200, with the same tokens).
+LOGPROB_TOLERANCE = 1e-4 if jax.default_backend() == "cpu" else 1e-2
+
+
+def _assert_same(cached, plain, tolerance: float = LOGPROB_TOLERANCE):
     for a, b in zip(cached, plain, strict=True):
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
         for top_a, top_b in zip(a.logprobs or (), b.logprobs or (), strict=True):
