@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -15,7 +16,7 @@ from jaxvlm import checkpoint, converted_checkpoint, kv_cache, params, sharding
 from jaxvlm.chat_template import ChatTemplateConfig, resolve_chat_template
 from jaxvlm.config import EngineConfig
 from jaxvlm.model_config import LlavaConfig
-from jaxvlm.processor import InputProcessor
+from jaxvlm.processor import InputProcessor, require_tokenizer_files
 from jaxvlm.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def enable_compilation_cache(path: str | None) -> None:
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small programs too: none recompiles
 
 
 def plan_slots(cfg: LlavaConfig, session_len: int, cache_dtype, engine: EngineConfig, mesh) -> int:
@@ -69,8 +70,8 @@ def plan_slots(cfg: LlavaConfig, session_len: int, cache_dtype, engine: EngineCo
 def load(model_path: str, engine: EngineConfig, template_config: ChatTemplateConfig | None = None) -> LoadedModel:
     enable_compilation_cache(engine.compilation_cache_dir)
     model_dir = checkpoint.resolve_model_dir(str(model_path), engine.revision, engine.download_dir)
-    # Everything cheap (configs, tokenizer, template, device count) is checked before any weight is read, so a
-    # missing tokenizer or a bad tp fails in a second rather than after loading gigabytes.
+    # Everything cheap (configs, tokenizer files, template, device count) is checked before any weight is read, so
+    # a missing tokenizer or a bad tp fails in a second rather than after loading gigabytes.
     if converted_checkpoint.is_converted(model_dir):  # jaxvlm-convert output: Orbax groups, restored sharded
         converted = converted_checkpoint.open_checkpoint(model_dir)
         cfg, tower_dir = converted.config, converted.tower_dir
@@ -83,7 +84,7 @@ def load(model_path: str, engine: EngineConfig, template_config: ChatTemplateCon
     dtype = params.resolve_dtype(engine.dtype, cfg.dtype)
     mesh = sharding.make_mesh(engine.tp, engine.dp, cfg)
     template = resolve_chat_template(str(model_path), template_config, model_dir=str(model_dir))
-    processor = InputProcessor.from_checkpoint(cfg, model_dir, tower_dir, template)
+    require_tokenizer_files(model_dir)
 
     limit = cfg.text.max_position_embeddings
     session_len = engine.session_len or limit
@@ -93,7 +94,13 @@ def load(model_path: str, engine: EngineConfig, template_config: ChatTemplateCon
     if cfg.text.sliding_window and session_len > cfg.text.sliding_window:
         raise ValueError(f"session_len={session_len} exceeds the model's sliding_window="
                          f"{cfg.text.sliding_window}, which jaxvlm does not implement; lower session_len")
-    model = load_weights()
+    # The tokenizer loads on a thread beside the weights: transformers' AutoTokenizer imports torch, 7.6 s of the
+    # 19.5 s from process start to first answer on an H100 (benchmarks/start_probe.py), which the weights' reads
+    # and transfers would otherwise wait behind.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxvlm-tokenizer") as pool:
+        processor = pool.submit(InputProcessor.from_checkpoint, cfg, model_dir, tower_dir, template)
+        model = load_weights()
+        processor = processor.result()
     cache_dtype = jnp.int8 if engine.quant_policy == 8 else dtype
     slots = plan_slots(cfg, session_len, cache_dtype, engine, mesh)
     runner = ModelRunner(model, slots, session_len, cache_dtype, engine.max_prefill_token_num,

@@ -27,6 +27,21 @@ from jaxvlm.scheduler import EngineRequest, ImageInput
 log = logging.getLogger(__name__)
 
 
+_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _tokenizer_error(model_dir: Path, cause: str) -> ConfigError:
+    found = sorted(p.name for p in Path(model_dir).glob("tokenizer*"))
+    return ConfigError(f"{model_dir}: cannot load the tokenizer (tokenizer files there: {found or 'none'}; expected "
+                       f"tokenizer.json or tokenizer.model with tokenizer_config.json): {cause}")
+
+
+def require_tokenizer_files(model_dir: Path) -> None:
+    """Fails at once where no vocabulary file is there: the tokenizer itself loads beside the weights."""
+    if not any((Path(model_dir) / name).exists() for name in _VOCABULARY_FILES):
+        raise _tokenizer_error(model_dir, "no vocabulary file")
+
+
 class InputProcessor:
     def __init__(self, config: LlavaConfig, tokenizer, image_processor: ImageProcessor, template: ChatTemplate,
                  eos_ids: set[int]):
@@ -48,12 +63,8 @@ class InputProcessor:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         except Exception as e:  # transformers' own message never says which directory it looked in
-            found = sorted(p.name for p in Path(model_dir).glob("tokenizer*"))
-            raise ConfigError(
-                f"{model_dir}: cannot load the tokenizer (tokenizer files there: {found or 'none'}; expected "
-                f"tokenizer.json or tokenizer.model with tokenizer_config.json): {type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            ) from e
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise _tokenizer_error(model_dir, f"{type(e).__name__}: {cause}") from e
         raw = read_json(model_dir / "config.json")
         if config.checkpoint_format == "llava-hf":
             pre = model_dir / "preprocessor_config.json"

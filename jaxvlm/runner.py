@@ -9,6 +9,7 @@ pytree; the jitted functions are pure and merge it back while tracing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -53,6 +54,18 @@ class PrefillBatch:
     # prompts). tokens and feature_index then hold the chunk only; lengths stay the whole prompts' lengths.
     starts: jax.Array | None = None  # i32[B]
     sources: jax.Array | None = None  # i32[B]
+
+
+def _full_precision_dots(fn):
+    """`fn` traced with float32 dots at full precision. XLA's default is TF32 on a GPU (10 mantissa bits) and one
+    bf16 pass on a TPU, where a float32 checkpoint is expected to compute as transformers' float32 does."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def _pow2_at_least(n: int, floor: int = 1) -> int:
@@ -147,12 +160,14 @@ class ModelRunner:
                 jax.lax.with_sharding_constraint(out, replicated),
             )
         self.compiled: set[tuple] = set()
-        self._encode = jax.jit(self._encode_fn)
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("num_logprobs", "context_len"),
+        exact = _full_precision_dots if model.language_model.embed_tokens.dtype == jnp.float32 else lambda f: f
+        self._encode = jax.jit(exact(self._encode_fn))
+        self._prefill = jax.jit(exact(self._prefill_fn), static_argnames=("num_logprobs", "context_len"),
                                 donate_argnames=("cache", "state"))
         self._release = jax.jit(
             lambda state, idle: dataclasses.replace(state, active=state.active & ~idle), donate_argnums=0)
-        self._decode = jax.jit(self._decode_fn, static_argnames=("rows", "kv_len", "greedy_only", "num_logprobs"),
+        self._decode = jax.jit(exact(self._decode_fn),
+                               static_argnames=("rows", "kv_len", "greedy_only", "num_logprobs"),
                                donate_argnames=("cache", "state"))
 
     # ------------------------------------------------------------------------------------------ pure steps

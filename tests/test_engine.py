@@ -302,3 +302,19 @@ def test_int8_kv_cache_tracks_the_full_precision_cache(llava_next_hf):
             assert abs(top_a[token_a] - top_b[token_b]) < 0.08, (top_a, top_b)  # measured: at most 0.04
             compared += 1
     assert compared >= 0.75 * 6 * 8  # most steps agree: the comparison covered them
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_models_ask_for_float32_dots(llava15_hf, dtype):
+    """A float32 model's steps carry precision HIGHEST on their dots (XLA's default is TF32 on a GPU and one bf16
+    pass on a TPU, so CPU results alone would not show it); a bfloat16 model's keep the default."""
+    runner = _make(llava15_hf, max_batch_size=1, session_len=128, dtype=dtype).model.runner
+    programs = [
+        runner._decode.lower(runner._leaves, runner.cache, runner.state, rows=1, kv_len=64, greedy_only=True,
+                             num_logprobs=0),
+        runner._encode.lower(runner._leaves, np.zeros((1, 3, 32, 32), np.float32), None),
+    ]
+    for lowered in programs:
+        text = lowered.as_text()
+        assert "dot_general" in text
+        assert ("HIGHEST" in text) == (dtype == "float32")

@@ -29,7 +29,7 @@ from PIL import Image
 
 import tiny_models
 from loopback import Loopback
-from jaxvlm import EngineConfig, GenerationConfig, VisionConfig, pipeline, vl
+from jaxvlm import EngineConfig, GenerationConfig, VisionConfig, params, pipeline, vl
 from jaxvlm.config import Response
 from jaxvlm.prompts import Conversation, normalize_prompt
 from jaxvlm.vl import IMAGE_TOKEN, FetchPolicy
@@ -479,6 +479,11 @@ def _no_tokenizer(d: Path) -> str:
     return str(d)
 
 
+def _corrupt_tokenizer(d: Path) -> str:
+    (d / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    return f"{d}: cannot load the tokenizer"
+
+
 def _no_config(d: Path) -> str:
     (d / "config.json").unlink()
     return str(d / "config.json")
@@ -501,6 +506,7 @@ FAULTS = {
     "missing tensor": _drop_tensor,
     "unknown architecture": _unknown_architecture,
     "missing tokenizer": _no_tokenizer,
+    "corrupt tokenizer": _corrupt_tokenizer,
     "missing config.json": _no_config,
     "config.json not JSON": _config_not_json,
     "missing processor config": _no_processor_config,
@@ -525,6 +531,19 @@ def test_checkpoint_faults_name_the_file_or_tensor(llava15_hf, tmp_path, fault):
     shutil.copytree(llava15_hf.path, copy)
     needle = FAULTS[fault](copy)
     assert_clean_load_error(copy, needle)
+
+
+def test_a_missing_tokenizer_fails_before_any_weight_is_read(llava15_hf, tmp_path, monkeypatch):
+    """The tokenizer loads on a thread beside the weights; its files are looked for before either starts."""
+    copy = tmp_path / llava15_hf.path.name
+    shutil.copytree(llava15_hf.path, copy)
+    _no_tokenizer(copy)
+
+    def read_weights(*args, **kwargs):
+        raise AssertionError("weights read before the tokenizer was checked")
+
+    monkeypatch.setattr(params, "load_model", read_weights)
+    assert_clean_load_error(copy, "no vocabulary file")
 
 
 def test_missing_shard_is_named(llava15_hf, tmp_path):
