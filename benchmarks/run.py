@@ -570,7 +570,7 @@ def _jaxvlm_step(s: Settings, step: dict, cache_dir: str | None, rec: Recorder) 
 @functools.cache  # one listener per process, however many steps ask
 def _count_xla_compiles():
     """A counter of every program XLA compiles in this process (the engine's steps, the resize programs, eager
-    ops), so that "compiles while measuring" misses none; persistent-cache hits do not count."""
+    ops), so that "compiles while measuring" misses none; a program loaded from the persistent cache counts too."""
     import jax
 
     count = [0]
