@@ -44,8 +44,7 @@ def main() -> None:
 
             @jax.jit
             def layers(x, r, ws):
-                outs = [jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(x.dtype)
-                        for w in ws]
+                outs = [jax.lax.dot_general(x, w, dims) for w in ws]  # bf16 out, as the model's einsums
                 return [o + r for o in outs] if residual else outs
 
             for rows in map(int, args.rows.split(",")):
