@@ -94,7 +94,7 @@ def load(model_path: str, engine: EngineConfig, template_config: ChatTemplateCon
     if cfg.text.sliding_window and session_len > cfg.text.sliding_window:
         raise ValueError(f"session_len={session_len} exceeds the model's sliding_window="
                          f"{cfg.text.sliding_window}, which jaxvlm does not implement; lower session_len")
-    # The tokenizer loads on a thread beside the weights: transformers' AutoTokenizer imports torch, 7.6 s of the
+    # The tokenizer loads on a thread beside the weights: transformers' AutoTokenizer imports torch, 8.6 s of the
     # 19.5 s from process start to first answer on an H100 (benchmarks/start_probe.py), which the weights' reads
     # and transfers would otherwise wait behind.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxvlm-tokenizer") as pool:
