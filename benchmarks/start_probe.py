@@ -1,7 +1,9 @@
 """Where "process start to first answer" goes: fresh processes load the benchmark's llava-1.5-7b checkpoint and
 answer one request (8 new tokens), as `run.py`'s latency step does, with a cold and then a warm compilation
-cache. Each prints its stage stamps (seconds since the parent spawned it) and the functions that took the most
-time (cProfile, cumulative, from the first import on), one JSON line per process.
+cache. Each prints its stage stamps (seconds since the parent spawned it), how long the tokenizer
+(`from_checkpoint`) and the weights (`load_model`) took, the programs it compiled or loaded from the cache, and, in
+a run labelled "profile", the functions that took the most time (cProfile, cumulative, from the first import
+on): one JSON line per process.
 
     python benchmarks/start_probe.py [--model-dir /tmp/jb] [--runs cold,warm,warm,warm-profile] [--smoke]
 """
