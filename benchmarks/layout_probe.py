@@ -10,25 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from kernel_probe import timeit  # sibling script: benchmarks/ is on sys.path
+
 SHAPES = {"qkv": (4096, 12288, False), "o": (4096, 4096, True), "gate_up": (4096, 22016, False),
           "down": (11008, 4096, True)}  # name: (in, out, residual add)
 LAYERS = 32
-
-
-def timed(fn, *args, reps: int = 15) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -50,7 +40,7 @@ def main() -> None:
             for rows in map(int, args.rows.split(",")):
                 x = jax.random.normal(jax.random.fold_in(key, 99), (rows, k), jnp.bfloat16)
                 r = jax.random.normal(jax.random.fold_in(key, 98), (rows, n), jnp.bfloat16)
-                sec = timed(layers, x, r, ws) / LAYERS
+                sec = timeit(layers, x, r, ws, iters=15) / LAYERS
                 print(json.dumps({"proj": name, "layout": layout, "rows": rows, "us": round(sec * 1e6, 2),
                                   "weight_GBps": round(k * n * 2 / sec / 1e9, 1),
                                   "TFLOPs": round(2 * rows * k * n / sec / 1e12, 1)}), flush=True)
