@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 # ------------------------------------------------------------------------------------------------ model shapes
 
@@ -525,6 +525,10 @@ def _jaxvlm_step(s: Settings, step: dict, cache_dir: str | None, rec: Recorder) 
                                    f"{r.error_message}")
         return out
 
+    def forget_prefixes():
+        if pipe.engine.prefix is not None:
+            pipe.engine.prefix = PrefixIndex()
+
     one = (texts[0], image)
     if "first" in tasks:
         r = clock.run("first_answer", _first_answer, rec, lambda: ask(one, s.first_answer_tokens))
@@ -550,13 +554,14 @@ def _jaxvlm_step(s: Settings, step: dict, cache_dir: str | None, rec: Recorder) 
             prompts = [(texts[i], s.image("1.5", seed=i % 8)) for i in range(n)]
             try:
                 # The same run once first: every prefill group, vision batch and decode bucket (the KV length
-                # grows through several buckets) is compiled before the measured run.
+                # grows through several buckets) is compiled before the measured run. Both start from an empty
+                # prefix index, so they schedule the same groups: the measured run finds only what it computes
+                # itself (the later requests about each of the 8 images reuse the earlier ones' prefixes), and
+                # a warm-up that found an earlier count's prefixes would skip the shapes of their first prefill.
+                forget_prefixes()
                 clock.run(f"offline_{n}", ask, prompts, s.new_tokens)
                 compiled = xla_programs()
-                if pipe.engine.prefix is not None:
-                    # Forget what the warm-up left in the cache: the measured run finds only what it computes
-                    # itself (the later requests about each of the 8 images reuse the earlier ones' prefixes).
-                    pipe.engine.prefix = PrefixIndex()
+                forget_prefixes()
                 dt, out = _timed(ask, prompts, s.new_tokens)
                 rec.put(f"offline_tok_s_{n}", sum(r.generate_token_len for r in out) / dt)
                 rec.put(f"offline_{n}_compiles_while_measuring", xla_programs() - compiled)
@@ -721,6 +726,17 @@ class Phase:
     env: dict = dataclasses.field(default_factory=dict)
 
 
+# jaxvlm's optional engine settings (LMDeploy's names) that the offline runs are repeated with, each in a phase
+# "jaxvlm-<kind>": kind -> (row label, step settings). An int8 KV cache (quant_policy=8) fits twice the slots;
+# with prefix caching (enable_prefix_caching) a request whose image an earlier one brought (the requests ask
+# about 8 images) prefills only its own question.
+OPTIONS = {
+    "int8": ("int8 KV cache", {"quant_policy": 8}),
+    "prefix": ("prefix caching (8 images)", {"prefix_caching": True}),
+    "int8-prefix": ("int8 KV cache and prefix caching", {"quant_policy": 8, "prefix_caching": True}),
+}
+
+
 def plan_phases(s: Settings, args: argparse.Namespace, scratch: Path) -> list[Phase]:
     """Phases in priority order (a budget cut drops the last ones first). One process per system and mode runs
     several steps, each with its own model/pipeline freed before the next; the warm starts are separate."""
@@ -728,16 +744,25 @@ def plan_phases(s: Settings, args: argparse.Namespace, scratch: Path) -> list[Ph
     base = {"settings": dataclasses.asdict(s)}
     inductor = {"TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"), "TRITON_CACHE_DIR": str(scratch / "triton")}
     lat15 = {"version": "1.5", "session_len": s.session_len_15, "max_batch_size": 1}
+    lat16 = {"name": "1.6-latency", "version": "1.6", "tasks": ["ttft"], "session_len": s.session_len_16,
+             "max_batch_size": 1}
     jax_steps = [  # bounded steps first; the offline one compiles the most shapes
         dict(lat15, name="1.5-latency", tasks=["first", "ttft", "decode"]),  # first: the cold start
-        {"name": "1.6-latency", "version": "1.6", "tasks": ["ttft"], "session_len": s.session_len_16,
-         "max_batch_size": 1},
+        lat16,
         # One engine for every count, sized for the largest, as a user serving a queue would configure it.
         # Its batch-1 decode row shows a lone request in an engine of many slots: idle slots must cost nothing.
         dict(lat15, name="offline", tasks=["ttft", "decode", "throughput"], max_batch_size=max(s.counts)),
     ]
     torch_steps = [{"name": "1.5", "version": "1.5", "tasks": ["first", "ttft", "decode", "throughput"]},
                    {"name": "1.6", "version": "1.6", "tasks": ["ttft"]}]
+
+    def option_steps(kind: str) -> list[dict]:
+        """The offline runs with one of OPTIONS; with prefix caching also the 1.6 question asked twice (the
+        second time only the vision-free last token is prefilled)."""
+        settings = OPTIONS[kind][1]
+        offline = dict(lat15, name="offline", tasks=["throughput"], max_batch_size=max(s.counts), **settings)
+        return [offline, dict(lat16, **settings)] if kind == "prefix" else [offline]
+
     jaxvlm = dict(base, kind="jaxvlm", cache_dir=str(scratch / "xla"))
     transformers = dict(base, kind="transformers", static=False)
     static = dict(transformers, static=True)
@@ -748,24 +773,15 @@ def plan_phases(s: Settings, args: argparse.Namespace, scratch: Path) -> list[Ph
         # The cold start's engine settings and first request, now with the cache that process left.
         Phase("jaxvlm-warm-start", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="1.5-latency",
                                                                       tasks=["first"])]), 150 if big else 120),
-        # The same offline runs with LMDeploy's int8 KV cache (quant_policy=8): twice the slots fit.
-        Phase("jaxvlm-int8", "jaxvlm", dict(jaxvlm, steps=[dict(lat15, name="offline", tasks=["throughput"],
-                                                                max_batch_size=max(s.counts), quant_policy=8)]),
-              240 if big else 120),
-        # And with prefix caching (LMDeploy's enable_prefix_caching): the requests ask about 8 images, so a
-        # request whose image an earlier one brought prefills only its own question.
-        # Its 1.6 latency step asks about the same image again: only the vision-free last token is prefilled.
-        Phase("jaxvlm-prefix", "jaxvlm", dict(jaxvlm, steps=[
-            dict(lat15, name="offline", tasks=["throughput"], max_batch_size=max(s.counts), prefix_caching=True),
-            {"name": "1.6-latency", "version": "1.6", "tasks": ["ttft"], "session_len": s.session_len_16,
-             "max_batch_size": 1, "prefix_caching": True}]),
-              300 if big else 150),
         Phase("transformers", "transformers", dict(transformers, steps=torch_steps), 300 if big else 120),
         Phase("transformers-static", "transformers-static", dict(static, steps=torch_steps),
               420 if big else 120, inductor),
         Phase("transformers-static-warm-start", "transformers-static",
               dict(static, steps=[{"name": "1.5", "version": "1.5", "tasks": ["first"]}]),
               180 if big else 120, inductor),
+        # jaxvlm's optional settings last: a budget cut drops them before the comparison with transformers.
+        *[Phase(f"jaxvlm-{kind}", "jaxvlm", dict(jaxvlm, steps=option_steps(kind)), 300 if big else 150)
+          for kind in OPTIONS],
     ]
     # The setup phases always run. A name is a phase's or a system's; in --only, "transformers" takes both its modes.
     only, skip = (set(names.split(",")) if names else set() for names in (args.only, args.skip))
@@ -791,7 +807,8 @@ class Runner:
 
     Phases come in lanes: each lane runs its phases one after the other; lanes run side by side. The GPU run
     uses a single lane (measurements must not share the device); --smoke runs jaxvlm and transformers in two
-    lanes, since its CPU numbers mean nothing and its wall time is mostly interpreter start-up and imports.
+    lanes (and the option phases in whichever is free), since its CPU numbers mean nothing and its wall time is
+    mostly interpreter start-up and imports.
     """
 
     def __init__(self, s: Settings, args: argparse.Namespace, scratch: Path, log_dir: Path):
@@ -858,13 +875,14 @@ class Runner:
             entry["log_tail"] = _tail(run.log_path, 2000)
             print(_indent(_tail(run.log_path, 1500)), flush=True)
 
-    def run_lanes(self, lanes: list[list[Phase]], after_each) -> None:
-        queues = [list(lane) for lane in lanes]
+    def run_lanes(self, lanes: list[list[Phase]], after_each, shared: Sequence[Phase] = ()) -> None:
+        """Each lane runs its phases in order; a lane with none left takes the next of `shared`."""
+        queues, pool = [list(lane) for lane in lanes], list(shared)
         self.active = [None] * len(queues)
         while True:
             for i, queue in enumerate(queues):
-                while self.active[i] is None and queue:
-                    self.active[i] = self._start(queue.pop(0))
+                while self.active[i] is None and (queue or pool):
+                    self.active[i] = self._start((queue or pool).pop(0))
             if all(run is None for run in self.active):
                 return
             time.sleep(0.1)
@@ -952,10 +970,9 @@ def row_labels(s: Settings) -> dict[str, str]:
     }
     for n in s.counts:
         labels[f"offline_tok_s_{n}"] = f"offline output tok/s, {n} requests"
-    for n in s.counts:
-        labels[f"offline_tok_s_{n}_int8"] = f"  same, int8 KV cache, {n} requests"
-    for n in s.counts:
-        labels[f"offline_tok_s_{n}_prefix"] = f"  same, prefix caching (8 images), {n} requests"
+    for kind, (label, _) in OPTIONS.items():
+        for n in s.counts:
+            labels[f"offline_tok_s_{n}_{kind}"] = f"  same, {label}, {n} requests"
     labels.update({
         "warmup_s": "compile/warm-up s",
         "start_to_first_answer_s_cold": "start -> first answer s, cold cache",
@@ -1019,11 +1036,9 @@ def build_table(s: Settings, results: dict, status: list[dict]) -> tuple[dict, d
             "ttft_ms_llava16_640x480_prefix": value("jaxvlm-prefix", "1.6-latency/ttft_ms") if system == "jaxvlm"
             else "n/a",
             **{f"offline_tok_s_{n}": value(phase, f"{offline}/offline_tok_s_{n}") for n in s.counts},
-            # int8 KV (quant_policy=8) is jaxvlm's; the transformers rows compare its default cache only.
-            **{f"offline_tok_s_{n}_int8": value("jaxvlm-int8", f"offline/offline_tok_s_{n}") if system == "jaxvlm"
-               else "n/a" for n in s.counts},
-            **{f"offline_tok_s_{n}_prefix": value("jaxvlm-prefix", f"offline/offline_tok_s_{n}")
-               if system == "jaxvlm" else "n/a" for n in s.counts},
+            # The optional settings are jaxvlm's; the transformers rows compare its default cache only.
+            **{f"offline_tok_s_{n}_{kind}": value(f"jaxvlm-{kind}", f"offline/offline_tok_s_{n}")
+               if system == "jaxvlm" else "n/a" for kind in OPTIONS for n in s.counts},
             "warmup_s": sum(warmups) if warmups else value(phase, f"{lat15}/warmup_s"),
             "start_to_first_answer_s_cold": value(phase, f"{lat15}/first_answer_s"),
             # Eager transformers compiles nothing, so there is no cache to warm: one start serves both rows.
@@ -1150,8 +1165,11 @@ def main(argv: list[str] | None = None) -> int:
         if runner.status[0]["status"] == "ok":
             rest = phases[1:]
             if s.smoke:
+                # The option phases depend on no other phase: whichever lane is free first runs the next one.
+                options = [p for p in rest if p.name in {f"jaxvlm-{kind}" for kind in OPTIONS}]
                 torch_lane = [p for p in rest if p.system.startswith("transformers")]
-                runner.run_lanes([[p for p in rest if p not in torch_lane], torch_lane], write_json)
+                jax_lane = [p for p in rest if p not in torch_lane and p not in options]
+                runner.run_lanes([jax_lane, torch_lane], write_json, shared=options)
             else:
                 runner.run_lanes([rest], write_json)
     finally:

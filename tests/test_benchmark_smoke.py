@@ -30,6 +30,7 @@ def _load_script():
 
 
 bench = _load_script()
+OPTIONS = tuple(bench.OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,8 @@ def test_smoke_run_completes_every_phase(smoke):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert [p["phase"] for p in doc["phases"]][:1] == ["checkpoints"]
     assert {p["phase"] for p in doc["phases"]} == {
-        "checkpoints", "bandwidth", "jaxvlm", "jaxvlm-warm-start", "jaxvlm-int8", "jaxvlm-prefix", "transformers",
-        "transformers-static", "transformers-static-warm-start"}
+        "checkpoints", "bandwidth", "jaxvlm", "jaxvlm-warm-start", "jaxvlm-int8", "jaxvlm-prefix",
+        "jaxvlm-int8-prefix", "transformers", "transformers-static", "transformers-static-warm-start"}
 
 
 DECODE_ROWS = ("decode_tok_s_b1", "decode_roofline_fraction", "decode_tok_s_b1_offline_engine")
@@ -73,8 +74,8 @@ def test_every_row_is_a_positive_number_for_every_system(smoke):
     assert counts == [4]
     rows = ["decode_tok_s_b1", "decode_roofline_fraction", "decode_tok_s_b1_offline_engine", "ttft_ms_llava15_336",
             "ttft_ms_llava16_640x480", "ttft_ms_llava16_640x480_prefix",
-            *[f"offline_tok_s_{n}" for n in counts], *[f"offline_tok_s_{n}_int8" for n in counts],
-            *[f"offline_tok_s_{n}_prefix" for n in counts], "warmup_s",
+            *[f"offline_tok_s_{n}" for n in counts],
+            *[f"offline_tok_s_{n}_{kind}" for kind in OPTIONS for n in counts], "warmup_s",
             "start_to_first_answer_s_cold", "start_to_first_answer_s_warm"]
     assert set(doc["table"]) == set(SYSTEMS)
     for system in SYSTEMS:
@@ -82,10 +83,11 @@ def test_every_row_is_a_positive_number_for_every_system(smoke):
         table = doc["table"][system]
         bad = {row: table[row] for row in rows if not _is_positive_number(table[row])}
         if system != "jaxvlm":
-            # jaxvlm's int8 KV cache and prefix caching only
-            assert all(table[f"offline_tok_s_{n}_{kind}"] == "n/a" for n in counts for kind in ("int8", "prefix"))
-            assert table["ttft_ms_llava16_640x480_prefix"] == "n/a"
-            bad = {row: v for row, v in bad.items() if not row.endswith(("_int8", "_prefix"))}
+            # jaxvlm's optional settings (int8 KV cache, prefix caching) only
+            options = {"ttft_ms_llava16_640x480_prefix", *(f"offline_tok_s_{n}_{kind}" for kind in OPTIONS
+                                                           for n in counts)}
+            assert all(table[row] == "n/a" for row in options)
+            bad = {row: v for row, v in bad.items() if row not in options}
             # On a loaded CPU, transformers' timings are erratic (a 1-token request has been measured slower
             # than a 24-token one, eager and compiled); the script then marks the decode rate invalid with its
             # reason rather than printing a wrong number. Every other row must still be a positive number.
@@ -116,6 +118,7 @@ def test_measurements_are_consistent(smoke):
     assert d["jaxvlm"]["offline/offline_4_compiles_while_measuring"] == 0
     assert d["jaxvlm-int8"]["offline/offline_4_compiles_while_measuring"] == 0
     assert d["jaxvlm-prefix"]["offline/offline_4_compiles_while_measuring"] == 0
+    assert d["jaxvlm-int8-prefix"]["offline/offline_4_compiles_while_measuring"] == 0
     assert d["jaxvlm-prefix"]["1.6-latency/compiles_while_measuring"] == 0
     # the smoke run's 4 requests have 4 images and one prefill group: nothing to reuse, and nothing reused
     assert d["jaxvlm-prefix"]["offline/offline_4_reused_tokens"] == 0

@@ -339,7 +339,8 @@ def test_tensor_parallel_restore(llava15_hf, converted):
         specs["embed"] = spec(sharded.language_model.embed_tokens)
         shard_shape = layer.self_attn.qkv_proj.get_value().addressable_shards[0].data.shape
         print(json.dumps({{"specs": specs, "shard": list(shard_shape), "diff": diff, "devices": len(jax.devices())}}))
-    """, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
+    """, env={"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip(),
+              "JAX_PLATFORMS": "cpu"})
     assert result["devices"] == 2
     assert result["specs"] == {"qkv_proj": [None, "model", None, None], "o_proj": ["model", None, None],
                                "gate_up": [None, None, "model"], "embed": ["model", None]}

@@ -86,7 +86,6 @@ def kernel_env(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
 
 
 # ------------------------------------------------------------------------------------------------ the files

@@ -120,7 +120,8 @@ def test_tensor_parallel_example_on_virtual_devices(llava_next_hf, image_server)
         processor.image_processor = dataclasses.replace(processor.image_processor, on_device=True)
         print("DEVICE", pipe(('describe this image', image)).token_ids)
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     tokens, device_tiles = (eval(part) for part in out.stdout.split("TOKENS", 1)[1].split("DEVICE"))
