@@ -19,11 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 NEW_TOKENS = 10
 SESSION_LEN = 256
 MAX_BATCH = 2
+
+
+def cpu_devices_env(devices: int) -> dict[str, str]:
+    """This process's environment for a fresh interpreter that sees the CPU as `devices` JAX devices (any XLA
+    flags already set are kept)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
 
 
 def prompts() -> list:

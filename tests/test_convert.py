@@ -33,6 +33,8 @@ from jaxvlm.model_config import ConfigError
 from jaxvlm.kv_cache import init_cache
 from jaxvlm.modeling import NEWLINE, Llava
 
+import parallel_worker  # tests/ is on sys.path (conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 # llava-hf key layouts (same weights) plus NeXT and both original formats.
 CASES = ["hub", "transformers-5.0", "transformers-5.6", "hub-no-vision-model", "next", "original-1.5",
@@ -339,8 +341,7 @@ def test_tensor_parallel_restore(llava15_hf, converted):
         specs["embed"] = spec(sharded.language_model.embed_tokens)
         shard_shape = layer.self_attn.qkv_proj.get_value().addressable_shards[0].data.shape
         print(json.dumps({{"specs": specs, "shard": list(shard_shape), "diff": diff, "devices": len(jax.devices())}}))
-    """, env={"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip(),
-              "JAX_PLATFORMS": "cpu"})
+    """, env=parallel_worker.cpu_devices_env(2))
     assert result["devices"] == 2
     assert result["specs"] == {"qkv_proj": [None, "model", None, None], "o_proj": ["model", None, None],
                                "gate_up": [None, None, "model"], "embed": ["model", None]}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -65,12 +64,6 @@ def llava_next_hf_h8_kv2(tiny_root) -> tiny_models.TinyModel:
 # ---------------------------------------------------------------------------------------------- subprocesses
 
 
-def _env(devices: int) -> dict[str, str]:
-    flags = os.environ.get("XLA_FLAGS", "")
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
-
-
 def _command(mode: str, model: Path, devices: int, configs: list, *extra: str) -> list[str]:
     return [sys.executable, str(WORKER), mode, str(model), "--devices", str(devices),
             "--configs", json.dumps([list(c) for c in configs]), *extra]
@@ -83,7 +76,7 @@ def _result(stdout: str, stderr: str) -> dict:
 
 
 def _run(mode: str, model: Path, configs: list, devices: int = DEVICES) -> dict:
-    proc = subprocess.run(_command(mode, model, devices, configs), cwd=REPO, env=_env(devices),
+    proc = subprocess.run(_command(mode, model, devices, configs), cwd=REPO, env=parallel_worker.cpu_devices_env(devices),
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return _result(proc.stdout, proc.stderr)
@@ -234,7 +227,7 @@ def test_two_processes_with_jax_distributed(jobs, llava15_hf_h8, tmp_path):
         logs.append((out, err))
         cmd = _command("multihost", llava15_hf_h8.path, 2, layouts, "--coordinator", f"127.0.0.1:{port}",
                        "--num-processes", "2", "--process-id", str(i))
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(2), stdout=out, stderr=err, text=True))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=parallel_worker.cpu_devices_env(2), stdout=out, stderr=err, text=True))
     deadline = time.monotonic() + TIMEOUT_S
     try:
         for p in procs:

@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import http.server
 import io
-import os
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,8 @@ from jaxvlm import (ChatTemplateConfig, EngineConfig, GenerationConfig, PytorchE
                     TurbomindEngineConfig, VisionConfig, pipeline)
 from jaxvlm.prompts import normalize_prompt
 from jaxvlm.vl import IMAGE_TOKEN, load_image
+
+import parallel_worker  # tests/ is on sys.path (conftest.py)
 from loopback import Loopback
 
 
@@ -120,9 +121,7 @@ def test_tensor_parallel_example_on_virtual_devices(llava_next_hf, image_server)
         processor.image_processor = dataclasses.replace(processor.image_processor, on_device=True)
         print("DEVICE", pipe(('describe this image', image)).token_ids)
     """)
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], env=parallel_worker.cpu_devices_env(2), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     tokens, device_tiles = (eval(part) for part in out.stdout.split("TOKENS", 1)[1].split("DEVICE"))
     assert device_tiles == tokens
