@@ -1,0 +1,254 @@
+"""The batch-1 decode layer rewritten so that XLA has fewer small kernels to launch: for each variant, the step's
+kernels, milliseconds per step and logits against the model's own decode, all in one process.
+
+Batch-1 decode misses its target by ~0.15 ms a step on an H100 (5.41 against 5.26 ms). The profile puts the gap
+in ~430 small kernels between the weight matmuls, ~1.4 us each (`docs/benchmarks.md`). Each variant here
+removes a kind of them without a kernel of our own:
+
+- `current`: the model as it is.
+- `norm-after`: RMSNorm's per-row factor rsqrt(mean(x^2) + eps) is a scalar per row, so it commutes with the
+  projection that follows: the q/k/v and gate/up matmuls read x * weight and their outputs are scaled, in
+  whatever fusion already reads them (RoPE, SwiGLU). The normalised row, a kernel per norm, is never written.
+  The final norm before the LM head likewise.
+- `norm-folded`: as `norm-after`, with each norm's weight folded into the projection after it (a load-time
+  transform): the matmul reads x itself, whatever XLA does with an operand's multiply.
+- `rope-flip`: RoPE's half swap as a reshape and a flip of the halves inside one elementwise expression,
+  instead of two halves joined by a concatenate (a fusion whose root is a concatenate).
+- `norm-after+rope-flip`, `norm-folded+rope-flip`.
+
+On a GPU run it twice: with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` and `--profile` for the kernels of each
+step (a CUDA graph hides them), and as is for the timing, which is with command buffers as the engine runs.
+`--tiny` runs a small float32 model (CPU: checks that each variant computes the model's logits).
+
+    python benchmarks/fusion_probe.py [--variants current,norm-after,...] [--profile] [--hlo-dir DIR] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from decode_probe import LLAVA_15_7B, random_model  # sibling scripts: benchmarks/ is on sys.path
+from flag_probe import per_call_ms
+from jaxvlm import modeling
+from jaxvlm.kernels.attention import decode_attention
+from jaxvlm.kv_cache import init_cache
+from jaxvlm.model_config import llava_config_from_hf
+from jaxvlm.runner import ModelRunner
+
+TINY = {**LLAVA_15_7B,
+        "vision_config": {**LLAVA_15_7B["vision_config"], "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28},
+        "text_config": {**LLAVA_15_7B["text_config"], "hidden_size": 64, "intermediate_size": 160,
+                        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "vocab_size": 512}}
+VARIANTS = ("current", "norm-after", "norm-folded", "rope-flip", "norm-after+rope-flip", "norm-folded+rope-flip")
+
+
+# ------------------------------------------------------------------------------------------------ the variants
+
+
+def inv_rms(norm: modeling.RMSNorm, x: jax.Array) -> jax.Array:
+    """RMSNorm's per-row factor, float32 [..., 1]."""
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + norm.eps)
+
+
+def project_normed(norm: modeling.RMSNorm, x: jax.Array, spec: str, w: jax.Array, folded: bool) -> jax.Array:
+    """norm(x) @ w as (x * weight) @ w * inv_rms(x), or x @ w * inv_rms(x) where w already holds the weight.
+    The float32 product is scaled, then rounded to x's dtype as the model's matmul output is."""
+    scaled = x if folded else x * norm.scale[...]
+    out = jnp.einsum(spec, scaled, w, preferred_element_type=jnp.float32)
+    factor = inv_rms(norm, x)
+    return (out * factor.reshape(factor.shape + (1,) * (out.ndim - factor.ndim))).astype(x.dtype)
+
+
+def rope_flip(x: jax.Array, rope: modeling.Rope) -> jax.Array:
+    """`modeling.apply_rope` as one expression: x * [cos, cos] + swap(x) * [-sin, sin], swap exchanging the halves."""
+    cos, sin = rope
+    cos2, sin2 = jnp.concatenate([cos, cos], -1), jnp.concatenate([-sin, sin], -1)
+    xf = x.astype(jnp.float32)
+    swapped = jnp.flip(xf.reshape(*x.shape[:-1], 2, x.shape[-1] // 2), axis=-2).reshape(x.shape)
+    return (xf * cos2 + swapped * sin2).astype(x.dtype)
+
+
+def layer_decode(folded: bool):
+    """`DecoderLayer.decode` with both norms applied after their projections."""
+
+    def decode(self, x, positions, lengths, rope, cache, kv_len, attention_impl):
+        att, mlp = self.self_attn, self.mlp
+        qkv = project_normed(self.input_layernorm, x, "sd,dkgh->skgh", att.qkv_proj[...], folded)
+        if att.qkv_bias is not None:
+            qkv = qkv + att.qkv_bias[...]
+        g = att.group
+        q = qkv[:, :, :g, :].reshape(qkv.shape[0], 1, -1, qkv.shape[-1])
+        k, v = qkv[:, None, :, g, :], qkv[:, :, g + 1, :]
+        q, k = modeling.apply_rope(q, rope), modeling.apply_rope(k, rope)
+        cache = cache.write_tokens(positions, k[:, 0], v)
+        attn = decode_attention(q[:, 0], cache.k, cache.v, lengths, kv_len, k_scale=cache.k_scale,
+                                v_scale=cache.v_scale, impl=attention_impl)
+        x = x + att.out(attn)
+        h = project_normed(self.post_attention_layernorm, x, "sd,dtf->stf", mlp.gate_up_proj[...], folded)
+        if mlp.gate_up_bias is not None:
+            h = h + mlp.gate_up_bias[...]
+        return x + mlp.down_proj(jax.nn.silu(h[:, 0, :]) * h[:, 1, :]), cache
+
+    return decode
+
+
+def final_logits(folded: bool):
+    def logits(self, h):
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        scaled = h if folded else h * self.norm.scale[...]
+        return jnp.dot(scaled, w, preferred_element_type=jnp.float32) * inv_rms(self.norm, h)
+
+    return logits
+
+
+def fold_norms(model: modeling.Llava) -> modeling.Llava:
+    """A copy with each RMSNorm's weight multiplied into the projection after it (the norms keep theirs)."""
+    model = nnx.clone(model)
+    lm = model.language_model
+    for layer in lm.layers:
+        gamma = layer.input_layernorm.scale[...]
+        layer.self_attn.qkv_proj[...] = layer.self_attn.qkv_proj[...] * gamma[:, None, None, None]
+        gamma = layer.post_attention_layernorm.scale[...]
+        layer.mlp.gate_up_proj[...] = layer.mlp.gate_up_proj[...] * gamma[:, None, None]
+    if lm.lm_head is None:
+        raise SystemExit("norm-folded needs an untied lm_head")
+    lm.lm_head[...] = lm.lm_head[...] * lm.norm.scale[...][:, None]
+    return model
+
+
+@contextlib.contextmanager
+def patched(variant: str):
+    """The model's code as `variant` has it, while a step traces (compiled programs keep what they traced)."""
+    saved = modeling.DecoderLayer.decode, modeling.LlamaModel.logits, modeling.apply_rope
+    parts = variant.split("+")
+    try:
+        if "norm-after" in parts or "norm-folded" in parts:
+            folded = "norm-folded" in parts
+            modeling.DecoderLayer.decode = layer_decode(folded)
+            modeling.LlamaModel.logits = final_logits(folded)
+        if "rope-flip" in parts:
+            modeling.apply_rope = rope_flip
+        yield
+    finally:
+        modeling.DecoderLayer.decode, modeling.LlamaModel.logits, modeling.apply_rope = saved
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def entry_ops(hlo: str) -> dict:
+    """The compiled program's top-level ops (each fusion or custom call is a kernel launch or a library call),
+    counted by kind."""
+    entry = hlo[hlo.index("\nENTRY"):]
+    counts = collections.Counter()
+    for line in entry.splitlines()[1:]:
+        m = re.search(r"= \S+ ([\w-]+)\(", line)
+        if not m or m[1] in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
+            continue
+        kind = re.search(r"kind=(\w+)", line)
+        counts[f"{m[1]}:{kind[1]}" if kind else m[1]] += 1
+    return {"ops": sum(counts.values()), "by_kind": dict(counts.most_common())}
+
+
+def logits_of(model: modeling.Llava, variant: str, cache, positions, kv_len: int) -> np.ndarray:
+    """One decode step's logits for slot 0 over the given cache, as `variant` computes them."""
+    graphdef, state = nnx.split(model)
+    with patched(variant):
+        step = jax.jit(lambda s, c: nnx.merge(graphdef, s).decode(
+            jnp.array([7]), positions, positions + 1, c, kv_len, "xla")[0])
+        return np.asarray(step(state, cache), np.float32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--profile", action="store_true", help="kernels per step (run with command buffers off)")
+    ap.add_argument("--hlo-dir", help="write each variant's optimised program here")
+    ap.add_argument("--tiny", action="store_true", help="a small float32 model (a CPU check of the variants)")
+    ap.add_argument("--budget-s", type=float, default=540)
+    args = ap.parse_args()
+    deadline = time.time() + args.budget_s
+    variants = args.variants.split(",")
+    cfg = llava_config_from_hf(TINY if args.tiny else LLAVA_15_7B)
+    dtype = jnp.float32 if args.tiny else jnp.bfloat16
+    model = random_model(cfg, dtype)
+    folded = fold_norms(model) if any("norm-folded" in v for v in variants) else None
+    max_len, position = (64, 40) if args.tiny else (1024, 700)
+
+    # Logits of one step over a random cache, each variant against `current` (same weights for all: folding
+    # moves the weights, not the function).
+    tc = cfg.text
+    keys = jax.random.split(jax.random.key(3), 2 * tc.num_layers)
+    cache = init_cache(tc, 1, max_len, dtype)
+    for i, layer in enumerate(cache):
+        layer.k = jax.random.normal(keys[2 * i], layer.k.shape, dtype)
+        layer.v = jax.random.normal(keys[2 * i + 1], layer.v.shape, dtype)
+    positions = jnp.array([position])
+    kv_len = 64 if args.tiny else 768
+    reference = logits_of(model, "current", cache, positions, kv_len)
+    scale = float(np.abs(reference).max())
+    for variant in variants:
+        got = logits_of(folded if "norm-folded" in variant else model, variant, cache, positions, kv_len)
+        print(json.dumps({"variant": variant, "check": "logits", "max_abs_diff": float(np.abs(got - reference).max()),
+                          "max_abs_logit": scale, "same_argmax": bool(got.argmax() == reference.argmax())}),
+              flush=True)
+
+    if args.profile:
+        from step_profile import kernel_breakdown
+    runners = {}
+    for variant in variants:
+        if time.time() > deadline:
+            print(json.dumps({"variant": variant, "skipped": "budget"}), flush=True)
+            continue
+        runner = ModelRunner(folded if "norm-folded" in variant else model, num_slots=1, max_len=max_len,
+                             cache_dtype=dtype)
+
+        def reset(runner=runner):  # 60 steps from here stay inside one cache-read bucket
+            runner.state.positions = jnp.array([position], jnp.int32)
+            runner.state.active = jnp.array([True])
+
+        reset()
+        with patched(variant):
+            t = time.perf_counter()
+            compiled = runner._decode.lower(runner._leaves, runner.cache, runner.state, rows=1,
+                                            kv_len=runner.buckets.kv_length(position + 1), greedy_only=True,
+                                            num_logprobs=0).compile()
+            compile_s = time.perf_counter() - t
+        runner._decode = lambda leaves, cache, state, compiled=compiled, **static: compiled(leaves, cache, state)
+        call = lambda runner=runner: runner.decode(position + 1, 1, greedy_only=True, num_logprobs=0).tokens
+        hlo = compiled.as_text()
+        if args.hlo_dir:
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            with open(os.path.join(args.hlo_dir, f"{variant}.hlo.txt"), "w") as f:
+                f.write(hlo)
+        row = {"variant": variant, "compile_s": round(compile_s, 1), "program": entry_ops(hlo)}
+        runners[variant] = (runner, reset, call)
+        if args.profile:
+            row.update(kernel_breakdown(call, top=40))
+        print(json.dumps(row), flush=True)
+    # Timing: rounds over the variants in turn, so that drift on the machine spreads evenly.
+    times = collections.defaultdict(list)
+    for _ in range(1 if args.tiny else 3):
+        for variant, (runner, reset, call) in runners.items():
+            times[variant].append(per_call_ms(call, reset, calls=60))
+    for variant, ms in times.items():
+        print(json.dumps({"variant": variant, "ms_per_step": float(np.median(ms)), "rounds": ms,
+                          "tok_s": 1e3 / float(np.median(ms))}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
