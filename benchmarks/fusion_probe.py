@@ -14,7 +14,13 @@ removes a kind of them without a kernel of our own:
   transform): the matmul reads x itself, whatever XLA does with an operand's multiply.
 - `rope-flip`: RoPE's half swap as a reshape and a flip of the halves inside one elementwise expression,
   instead of two halves joined by a concatenate (a fusion whose root is a concatenate).
-- `norm-after+rope-flip`, `norm-folded+rope-flip`.
+- `lazy-attention`: the one-slot attention with its mask as an added bias, and the softmax's division applied
+  to the [H, D] output instead of the [H, T] probabilities.
+- `write-slice`: the new token's k and v as in-place slice updates. The model's scatter drops out-of-range
+  positions; for one row XLA lowers that as a slice update plus a read of the old values and a select (seen in
+  the CPU program). The slice update clamps instead: the engine never writes past a running sequence's
+  session, and a finished one's last column is never reused as a cached prefix (a prompt leaves room to answer).
+- `+` joins parts: the last two variants take them all.
 
 On a GPU run it twice: with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` and `--profile` for the kernels of each
 step (a CUDA graph hides them), and as is for the timing, which is with command buffers as the engine runs.
@@ -29,6 +35,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import re
 import time
@@ -42,7 +49,7 @@ from decode_probe import LLAVA_15_7B, random_model  # sibling scripts: benchmark
 from flag_probe import per_call_ms
 from jaxvlm import modeling
 from jaxvlm.kernels.attention import decode_attention
-from jaxvlm.kv_cache import init_cache
+from jaxvlm.kv_cache import LayerCache, init_cache
 from jaxvlm.model_config import llava_config_from_hf
 from jaxvlm.runner import ModelRunner
 
@@ -52,7 +59,8 @@ TINY = {**LLAVA_15_7B,
         "text_config": {**LLAVA_15_7B["text_config"], "hidden_size": 64, "intermediate_size": 160,
                         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
                         "vocab_size": 512}}
-VARIANTS = ("current", "norm-after", "norm-folded", "rope-flip", "norm-after+rope-flip", "norm-folded+rope-flip")
+VARIANTS = ("current", "norm-after", "norm-folded", "rope-flip", "lazy-attention", "write-slice",
+            "norm-after+rope-flip+lazy-attention+write-slice", "norm-folded+rope-flip+lazy-attention+write-slice")
 
 
 # ------------------------------------------------------------------------------------------------ the variants
@@ -82,23 +90,57 @@ def rope_flip(x: jax.Array, rope: modeling.Rope) -> jax.Array:
     return (xf * cos2 + swapped * sin2).astype(x.dtype)
 
 
-def layer_decode(folded: bool):
-    """`DecoderLayer.decode` with both norms applied after their projections."""
+def lazy_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, kv_len: int) -> jax.Array:
+    """`decode_attention`'s XLA path for a bf16 cache, with the mask added as a bias and the softmax's division
+    moved after the value sum (onto [S, H, D] rather than the [S, H, T] probabilities)."""
+    s, h, d = q.shape
+    kvh = k_cache.shape[1]
+    k_cache, v_cache = k_cache[:s, :, :kv_len], v_cache[:s, :, :kv_len]
+    qg = q.reshape(s, kvh, h // kvh, d)
+    bias = jnp.where(jnp.arange(kv_len)[None, :] < jnp.maximum(lengths, 1)[:, None], 0.0, -jnp.inf)
+    scores = jnp.einsum("skgd,sktd->skgt", qg, k_cache, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = scores + bias[:, None, None, :]
+    p = jnp.exp(scores - scores.max(-1, keepdims=True))
+    out = jnp.einsum("skgt,sktd->skgd", p.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    return (out / p.sum(-1)[..., None]).reshape(s, h, d).astype(q.dtype)
+
+
+def write_by_slice(cache: LayerCache, positions: jax.Array, k: jax.Array, v: jax.Array) -> LayerCache:
+    """One slot's token as an in-place slice update (positions clamp, where the model's scatter drops)."""
+    put = lambda a, new: jax.lax.dynamic_update_slice(a, new[:, :, None].astype(a.dtype), (0, 0, positions[0], 0))
+    return LayerCache(put(cache.k, k), put(cache.v, v))
+
+
+def layer_decode(parts: set[str]):
+    """`DecoderLayer.decode` with the variant's parts: each norm applied after its projection (`norm-after`,
+    `norm-folded`), `lazy-attention`, `write-slice` (one slot, bf16 cache)."""
+    norm = "norm-folded" if "norm-folded" in parts else "norm-after" if "norm-after" in parts else None
+
+    def project(layer_norm, x, spec, w):
+        if norm is None:
+            return jnp.einsum(spec, layer_norm(x), w)
+        return project_normed(layer_norm, x, spec, w, folded=norm == "norm-folded")
 
     def decode(self, x, positions, lengths, rope, cache, kv_len, attention_impl):
         att, mlp = self.self_attn, self.mlp
-        qkv = project_normed(self.input_layernorm, x, "sd,dkgh->skgh", att.qkv_proj[...], folded)
+        qkv = project(self.input_layernorm, x, "sd,dkgh->skgh", att.qkv_proj[...])
         if att.qkv_bias is not None:
             qkv = qkv + att.qkv_bias[...]
         g = att.group
         q = qkv[:, :, :g, :].reshape(qkv.shape[0], 1, -1, qkv.shape[-1])
         k, v = qkv[:, None, :, g, :], qkv[:, :, g + 1, :]
         q, k = modeling.apply_rope(q, rope), modeling.apply_rope(k, rope)
-        cache = cache.write_tokens(positions, k[:, 0], v)
-        attn = decode_attention(q[:, 0], cache.k, cache.v, lengths, kv_len, k_scale=cache.k_scale,
-                                v_scale=cache.v_scale, impl=attention_impl)
+        if "write-slice" in parts:
+            cache = write_by_slice(cache, positions, k[:, 0], v)
+        else:
+            cache = cache.write_tokens(positions, k[:, 0], v)
+        if "lazy-attention" in parts:
+            attn = lazy_attention(q[:, 0], cache.k, cache.v, lengths, kv_len)
+        else:
+            attn = decode_attention(q[:, 0], cache.k, cache.v, lengths, kv_len, k_scale=cache.k_scale,
+                                    v_scale=cache.v_scale, impl=attention_impl)
         x = x + att.out(attn)
-        h = project_normed(self.post_attention_layernorm, x, "sd,dtf->stf", mlp.gate_up_proj[...], folded)
+        h = project(self.post_attention_layernorm, x, "sd,dtf->stf", mlp.gate_up_proj[...])
         if mlp.gate_up_bias is not None:
             h = h + mlp.gate_up_bias[...]
         return x + mlp.down_proj(jax.nn.silu(h[:, 0, :]) * h[:, 1, :]), cache
@@ -134,12 +176,12 @@ def fold_norms(model: modeling.Llava) -> modeling.Llava:
 def patched(variant: str):
     """The model's code as `variant` has it, while a step traces (compiled programs keep what they traced)."""
     saved = modeling.DecoderLayer.decode, modeling.LlamaModel.logits, modeling.apply_rope
-    parts = variant.split("+")
+    parts = set(variant.split("+"))
     try:
-        if "norm-after" in parts or "norm-folded" in parts:
-            folded = "norm-folded" in parts
-            modeling.DecoderLayer.decode = layer_decode(folded)
-            modeling.LlamaModel.logits = final_logits(folded)
+        if parts - {"current", "rope-flip"}:
+            modeling.DecoderLayer.decode = layer_decode(parts)
+        if parts & {"norm-after", "norm-folded"}:
+            modeling.LlamaModel.logits = final_logits("norm-folded" in parts)
         if "rope-flip" in parts:
             modeling.apply_rope = rope_flip
         yield
@@ -242,7 +284,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     # Timing: rounds over the variants in turn, so that drift on the machine spreads evenly.
     times = collections.defaultdict(list)
-    for _ in range(1 if args.tiny else 3):
+    for _ in range(3):
         for variant, (runner, reset, call) in runners.items():
             times[variant].append(per_call_ms(call, reset, calls=60))
     for variant, ms in times.items():
