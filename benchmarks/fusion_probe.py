@@ -26,7 +26,10 @@ On a GPU run it twice: with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` and `--
 step (a CUDA graph hides them), and as is for the timing, which is with command buffers as the engine runs.
 `--tiny` runs a small float32 model (CPU: checks that each variant computes the model's logits).
 
-    python benchmarks/fusion_probe.py [--variants current,norm-after,...] [--profile] [--hlo-dir DIR] [--tiny]
+    python benchmarks/fusion_probe.py [--variants current,norm-after,...] [--rows 1,64] [--profile] [--hlo-dir DIR]
+                                      [--tiny]
+
+`--rows 64` times 64 running slots too (the offline runs' steps), where only the norm and RoPE parts apply.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import math
 import os
@@ -113,7 +117,7 @@ def write_by_slice(cache: LayerCache, positions: jax.Array, k: jax.Array, v: jax
 
 def layer_decode(parts: set[str]):
     """`DecoderLayer.decode` with the variant's parts: each norm applied after its projection (`norm-after`,
-    `norm-folded`), `lazy-attention`, `write-slice` (one slot, bf16 cache)."""
+    `norm-folded`), and for one slot (bf16 cache) `lazy-attention` and `write-slice`."""
     norm = "norm-folded" if "norm-folded" in parts else "norm-after" if "norm-after" in parts else None
 
     def project(layer_norm, x, spec, w):
@@ -130,11 +134,12 @@ def layer_decode(parts: set[str]):
         q = qkv[:, :, :g, :].reshape(qkv.shape[0], 1, -1, qkv.shape[-1])
         k, v = qkv[:, None, :, g, :], qkv[:, :, g + 1, :]
         q, k = modeling.apply_rope(q, rope), modeling.apply_rope(k, rope)
-        if "write-slice" in parts:
+        one = x.shape[0] == 1  # the write and attention parts are for one slot; more keep the model's
+        if "write-slice" in parts and one:
             cache = write_by_slice(cache, positions, k[:, 0], v)
         else:
             cache = cache.write_tokens(positions, k[:, 0], v)
-        if "lazy-attention" in parts:
+        if "lazy-attention" in parts and one:
             attn = lazy_attention(q[:, 0], cache.k, cache.v, lengths, kv_len)
         else:
             attn = decode_attention(q[:, 0], cache.k, cache.v, lengths, kv_len, k_scale=cache.k_scale,
@@ -221,6 +226,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="kernels per step (run with command buffers off)")
     ap.add_argument("--hlo-dir", help="write each variant's optimised program here")
     ap.add_argument("--tiny", action="store_true", help="a small float32 model (a CPU check of the variants)")
+    ap.add_argument("--rows", default="1", help="running slots of the timed steps, e.g. 1,64")
     ap.add_argument("--budget-s", type=float, default=540)
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
@@ -229,7 +235,7 @@ def main() -> None:
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     model = random_model(cfg, dtype)
     folded = fold_norms(model) if any("norm-folded" in v for v in variants) else None
-    max_len, position = (64, 40) if args.tiny else (1024, 700)
+    max_len, position = (64, 40) if args.tiny else (768, 700)  # 60 steps from 700 stay in the 768 bucket
 
     # Logits of one step over a random cache, each variant against `current` (same weights for all: folding
     # moves the weights, not the function).
@@ -240,57 +246,71 @@ def main() -> None:
         layer.k = jax.random.normal(keys[2 * i], layer.k.shape, dtype)
         layer.v = jax.random.normal(keys[2 * i + 1], layer.v.shape, dtype)
     positions = jnp.array([position])
-    kv_len = 64 if args.tiny else 768
-    reference = logits_of(model, "current", cache, positions, kv_len)
+    reference = logits_of(model, "current", cache, positions, max_len)
     scale = float(np.abs(reference).max())
     for variant in variants:
-        got = logits_of(folded if "norm-folded" in variant else model, variant, cache, positions, kv_len)
+        got = logits_of(folded if "norm-folded" in variant else model, variant, cache, positions, max_len)
         print(json.dumps({"variant": variant, "check": "logits", "max_abs_diff": float(np.abs(got - reference).max()),
                           "max_abs_logit": scale, "same_argmax": bool(got.argmax() == reference.argmax())}),
               flush=True)
 
-    if args.profile:
-        from step_profile import kernel_breakdown
-    runners = {}
+    for rows in map(int, args.rows.split(",")):
+        measure(model, folded, variants, rows, max_len, position, args, deadline)
+
+
+def measure(model, folded, variants: list[str], rows: int, max_len: int, position: int, args, deadline: float) -> None:
+    """Compiles each variant's decode step for `rows` running slots in one runner (one cache, whichever the
+    variant), then times the variants in turn."""
+    from step_profile import kernel_breakdown
+
+    runner = ModelRunner(model, num_slots=rows, max_len=max_len, cache_dtype=model.language_model.embed_tokens.dtype)
+    leaves = {False: runner._leaves, True: folded and jax.tree.leaves(nnx.state(folded))}
+    programs = {}
+
+    def use(variant: str) -> None:
+        compiled, runner._leaves = programs[variant]
+        runner._decode = lambda leaves, cache, state, **static: compiled(leaves, cache, state)
+
+    def reset():  # every slot running at `position`: 60 steps from there stay inside one cache-read bucket
+        runner.state.positions = jnp.full((rows,), position, jnp.int32)
+        runner.state.active = jnp.ones((rows,), bool)
+
+    call = lambda: runner.decode(position + 1, rows, greedy_only=True, num_logprobs=0).tokens
+    reset()
     for variant in variants:
         if time.time() > deadline:
-            print(json.dumps({"variant": variant, "skipped": "budget"}), flush=True)
+            print(json.dumps({"variant": variant, "rows": rows, "skipped": "budget"}), flush=True)
             continue
-        runner = ModelRunner(folded if "norm-folded" in variant else model, num_slots=1, max_len=max_len,
-                             cache_dtype=dtype)
-
-        def reset(runner=runner):  # 60 steps from here stay inside one cache-read bucket
-            runner.state.positions = jnp.array([position], jnp.int32)
-            runner.state.active = jnp.array([True])
-
-        reset()
+        weights = leaves["norm-folded" in variant]
+        # A jit of its own per variant: one jit would reuse its first trace, whatever is patched since.
+        step = jax.jit(functools.partial(ModelRunner._decode_fn, runner), donate_argnames=("cache", "state"),
+                       static_argnames=("rows", "kv_len", "greedy_only", "num_logprobs"))
         with patched(variant):
             t = time.perf_counter()
-            compiled = runner._decode.lower(runner._leaves, runner.cache, runner.state, rows=1,
-                                            kv_len=runner.buckets.kv_length(position + 1), greedy_only=True,
-                                            num_logprobs=0).compile()
+            compiled = step.lower(weights, runner.cache, runner.state, rows=rows,
+                                  kv_len=runner.buckets.kv_length(position + 1), greedy_only=True,
+                                  num_logprobs=0).compile()
             compile_s = time.perf_counter() - t
-        runner._decode = lambda leaves, cache, state, compiled=compiled, **static: compiled(leaves, cache, state)
-        call = lambda runner=runner: runner.decode(position + 1, 1, greedy_only=True, num_logprobs=0).tokens
+        programs[variant] = compiled, weights
         hlo = compiled.as_text()
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
-            with open(os.path.join(args.hlo_dir, f"{variant}.hlo.txt"), "w") as f:
+            with open(os.path.join(args.hlo_dir, f"{variant}-{rows}.hlo.txt"), "w") as f:
                 f.write(hlo)
-        row = {"variant": variant, "compile_s": round(compile_s, 1), "program": entry_ops(hlo)}
-        runners[variant] = (runner, reset, call)
+        row = {"variant": variant, "rows": rows, "compile_s": round(compile_s, 1), "program": entry_ops(hlo)}
         if args.profile:
+            use(variant)
             row.update(kernel_breakdown(call, top=40))
         print(json.dumps(row), flush=True)
-    # Timing: rounds over the variants in turn, so that drift on the machine spreads evenly.
+    # Rounds over the variants in turn, so that drift on the machine spreads evenly over them.
     times = collections.defaultdict(list)
     for _ in range(3):
-        for variant, (runner, reset, call) in runners.items():
+        for variant in programs:
+            use(variant)
             times[variant].append(per_call_ms(call, reset, calls=60))
     for variant, ms in times.items():
-        print(json.dumps({"variant": variant, "ms_per_step": float(np.median(ms)), "rounds": ms,
-                          "tok_s": 1e3 / float(np.median(ms))}), flush=True)
-
+        print(json.dumps({"variant": variant, "rows": rows, "ms_per_step": float(np.median(ms)), "rounds": ms,
+                          "tok_s": rows * 1e3 / float(np.median(ms))}), flush=True)
 
 if __name__ == "__main__":
     main()
