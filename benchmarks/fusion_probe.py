@@ -307,6 +307,8 @@ def measure(model, folded, variants: list[str], rows: int, max_len: int, positio
             use(variant)
             row.update(kernel_breakdown(call, top=40))
         print(json.dumps(row), flush=True)
+    if args.profile:
+        return  # without command buffers, times are not the engine's
     # Rounds over the variants in turn, so that drift on the machine spreads evenly over them.
     times = collections.defaultdict(list)
     for _ in range(3):
