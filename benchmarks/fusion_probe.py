@@ -16,11 +16,14 @@ removes a kind of them without a kernel of our own:
   instead of two halves joined by a concatenate (a fusion whose root is a concatenate).
 - `lazy-attention`: the one-slot attention with its mask as an added bias, and the softmax's division applied
   to the [H, D] output instead of the [H, T] probabilities.
+- `split-attention`: as `lazy-attention`, over 8 chunks of keys combined at the end (flash-decoding's split,
+  in XLA): XLA's one-slot attention reads the cache at ~1 TB/s, and its reductions over 768 keys for 32 heads
+  give the GPU few, long rows to work on.
 - `write-slice`: the new token's k and v as in-place slice updates. The model's scatter drops out-of-range
   positions; for one row XLA lowers that as a slice update plus a read of the old values and a select (seen in
   the CPU program). The slice update clamps instead: the engine never writes past a running sequence's
   session, and a finished one's last column is never reused as a cached prefix (a prompt leaves room to answer).
-- `+` joins parts: the last two variants take them all.
+- `+` joins parts: the last three variants combine them.
 
 On a GPU run it twice: with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` and `--profile` for the kernels of each
 step (a CUDA graph hides them), and as is for the timing, which is with command buffers as the engine runs.
@@ -63,8 +66,9 @@ TINY = {**LLAVA_15_7B,
         "text_config": {**LLAVA_15_7B["text_config"], "hidden_size": 64, "intermediate_size": 160,
                         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
                         "vocab_size": 512}}
-VARIANTS = ("current", "norm-after", "norm-folded", "rope-flip", "lazy-attention", "write-slice",
-            "norm-after+rope-flip+lazy-attention+write-slice", "norm-folded+rope-flip+lazy-attention+write-slice")
+VARIANTS = ("current", "norm-after", "norm-folded", "rope-flip", "lazy-attention", "split-attention", "write-slice",
+            "norm-after+rope-flip+lazy-attention+write-slice", "norm-folded+rope-flip+lazy-attention+write-slice",
+            "norm-folded+rope-flip+split-attention+write-slice")
 
 
 # ------------------------------------------------------------------------------------------------ the variants
@@ -94,19 +98,26 @@ def rope_flip(x: jax.Array, rope: modeling.Rope) -> jax.Array:
     return (xf * cos2 + swapped * sin2).astype(x.dtype)
 
 
-def lazy_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, kv_len: int) -> jax.Array:
+def lazy_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, kv_len: int,
+                   chunks: int = 1) -> jax.Array:
     """`decode_attention`'s XLA path for a bf16 cache, with the mask added as a bias and the softmax's division
-    moved after the value sum (onto [S, H, D] rather than the [S, H, T] probabilities)."""
+    moved after the value sum (onto [S, H, D] rather than the [S, H, T] probabilities). With `chunks` > 1 the
+    keys are split as flash-decoding splits them: each chunk's softmax and value sum on its own, then the
+    chunks combined by their maxima, so that each reduction is `chunks` times shorter and wider."""
     s, h, d = q.shape
     kvh = k_cache.shape[1]
-    k_cache, v_cache = k_cache[:s, :, :kv_len], v_cache[:s, :, :kv_len]
+    k_cache, v_cache = (c[:s, :, :kv_len].reshape(s, kvh, chunks, kv_len // chunks, d) for c in (k_cache, v_cache))
     qg = q.reshape(s, kvh, h // kvh, d)
-    bias = jnp.where(jnp.arange(kv_len)[None, :] < jnp.maximum(lengths, 1)[:, None], 0.0, -jnp.inf)
-    scores = jnp.einsum("skgd,sktd->skgt", qg, k_cache, preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = scores + bias[:, None, None, :]
-    p = jnp.exp(scores - scores.max(-1, keepdims=True))
-    out = jnp.einsum("skgt,sktd->skgd", p.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
-    return (out / p.sum(-1)[..., None]).reshape(s, h, d).astype(q.dtype)
+    # A finite mask: a chunk that is all padding then has a finite maximum and a weight of exp(-1e30) = 0.
+    bias = jnp.where(jnp.arange(kv_len)[None, :] < jnp.maximum(lengths, 1)[:, None], 0.0, -1e30)
+    scores = jnp.einsum("skgd,skctd->skgct", qg, k_cache, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = scores + bias.reshape(s, 1, 1, chunks, -1)
+    peak = scores.max(-1)
+    p = jnp.exp(scores - peak[..., None])
+    out = jnp.einsum("skgct,skctd->skgcd", p.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    weight = jnp.exp(peak - peak.max(-1, keepdims=True))
+    out = jnp.einsum("skgc,skgcd->skgd", weight, out) / jnp.einsum("skgc,skgc->skg", weight, p.sum(-1))[..., None]
+    return out.reshape(s, h, d).astype(q.dtype)
 
 
 def write_by_slice(cache: LayerCache, positions: jax.Array, k: jax.Array, v: jax.Array) -> LayerCache:
@@ -117,7 +128,7 @@ def write_by_slice(cache: LayerCache, positions: jax.Array, k: jax.Array, v: jax
 
 def layer_decode(parts: set[str]):
     """`DecoderLayer.decode` with the variant's parts: each norm applied after its projection (`norm-after`,
-    `norm-folded`), and for one slot (bf16 cache) `lazy-attention` and `write-slice`."""
+    `norm-folded`), and for one slot (bf16 cache) `lazy-attention` or `split-attention`, and `write-slice`."""
     norm = "norm-folded" if "norm-folded" in parts else "norm-after" if "norm-after" in parts else None
 
     def project(layer_norm, x, spec, w):
@@ -139,8 +150,8 @@ def layer_decode(parts: set[str]):
             cache = write_by_slice(cache, positions, k[:, 0], v)
         else:
             cache = cache.write_tokens(positions, k[:, 0], v)
-        if "lazy-attention" in parts and one:
-            attn = lazy_attention(q[:, 0], cache.k, cache.v, lengths, kv_len)
+        if parts & {"lazy-attention", "split-attention"} and one:
+            attn = lazy_attention(q[:, 0], cache.k, cache.v, lengths, kv_len, 8 if "split-attention" in parts else 1)
         else:
             attn = decode_attention(q[:, 0], cache.k, cache.v, lengths, kv_len, k_scale=cache.k_scale,
                                     v_scale=cache.v_scale, impl=attention_impl)
