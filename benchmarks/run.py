@@ -737,6 +737,11 @@ OPTIONS = {
 }
 
 
+def option_phase(kind: str) -> str:
+    """The name of the phase that repeats the offline runs with OPTIONS[kind]."""
+    return f"jaxvlm-{kind}"
+
+
 def plan_phases(s: Settings, args: argparse.Namespace, scratch: Path) -> list[Phase]:
     """Phases in priority order (a budget cut drops the last ones first). One process per system and mode runs
     several steps, each with its own model/pipeline freed before the next; the warm starts are separate."""
@@ -780,7 +785,7 @@ def plan_phases(s: Settings, args: argparse.Namespace, scratch: Path) -> list[Ph
               dict(static, steps=[{"name": "1.5", "version": "1.5", "tasks": ["first"]}]),
               180 if big else 120, inductor),
         # jaxvlm's optional settings last: a budget cut drops them before the comparison with transformers.
-        *[Phase(f"jaxvlm-{kind}", "jaxvlm", dict(jaxvlm, steps=option_steps(kind)), 300 if big else 150)
+        *[Phase(option_phase(kind), "jaxvlm", dict(jaxvlm, steps=option_steps(kind)), 300 if big else 150)
           for kind in OPTIONS],
     ]
     # The setup phases always run. A name is a phase's or a system's; in --only, "transformers" takes both its modes.
@@ -1033,11 +1038,11 @@ def build_table(s: Settings, results: dict, status: list[dict]) -> tuple[dict, d
             "decode_tok_s_b1_offline_engine": value(phase, f"{offline}/decode_tok_s"),
             "ttft_ms_llava15_336": value(phase, f"{lat15}/ttft_ms"),
             "ttft_ms_llava16_640x480": value(phase, f"{lat16}/ttft_ms"),
-            "ttft_ms_llava16_640x480_prefix": value("jaxvlm-prefix", "1.6-latency/ttft_ms") if system == "jaxvlm"
+            "ttft_ms_llava16_640x480_prefix": value(option_phase("prefix"), "1.6-latency/ttft_ms") if system == "jaxvlm"
             else "n/a",
             **{f"offline_tok_s_{n}": value(phase, f"{offline}/offline_tok_s_{n}") for n in s.counts},
             # The optional settings are jaxvlm's; the transformers rows compare its default cache only.
-            **{f"offline_tok_s_{n}_{kind}": value(f"jaxvlm-{kind}", f"offline/offline_tok_s_{n}")
+            **{f"offline_tok_s_{n}_{kind}": value(option_phase(kind), f"offline/offline_tok_s_{n}")
                if system == "jaxvlm" else "n/a" for kind in OPTIONS for n in s.counts},
             "warmup_s": sum(warmups) if warmups else value(phase, f"{lat15}/warmup_s"),
             "start_to_first_answer_s_cold": value(phase, f"{lat15}/first_answer_s"),
@@ -1166,7 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
             rest = phases[1:]
             if s.smoke:
                 # The option phases depend on no other phase: whichever lane is free first runs the next one.
-                options = [p for p in rest if p.name in {f"jaxvlm-{kind}" for kind in OPTIONS}]
+                options = [p for p in rest if p.name in {option_phase(kind) for kind in OPTIONS}]
                 torch_lane = [p for p in rest if p.system.startswith("transformers")]
                 jax_lane = [p for p in rest if p not in torch_lane and p not in options]
                 runner.run_lanes([jax_lane, torch_lane], write_json, shared=options)
