@@ -214,7 +214,7 @@ def entry_ops(hlo: str) -> dict:
     entry = hlo[hlo.index("\nENTRY"):]
     counts = collections.Counter()
     for line in entry.splitlines()[1:]:
-        m = re.search(r"= \S+ ([\w-]+)\(", line)
+        m = re.search(r"= .*? ([\w-]+)\(", line)  # past the shape, a tuple's too (multi-output fusions)
         if not m or m[1] in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
             continue
         kind = re.search(r"kind=(\w+)", line)
