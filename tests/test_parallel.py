@@ -76,8 +76,9 @@ def _result(stdout: str, stderr: str) -> dict:
 
 
 def _run(mode: str, model: Path, configs: list, devices: int = DEVICES) -> dict:
-    proc = subprocess.run(_command(mode, model, devices, configs), cwd=REPO, env=parallel_worker.cpu_devices_env(devices),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(_command(mode, model, devices, configs), cwd=REPO,
+                          env=parallel_worker.cpu_devices_env(devices), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return _result(proc.stdout, proc.stderr)
 
@@ -227,7 +228,8 @@ def test_two_processes_with_jax_distributed(jobs, llava15_hf_h8, tmp_path):
         logs.append((out, err))
         cmd = _command("multihost", llava15_hf_h8.path, 2, layouts, "--coordinator", f"127.0.0.1:{port}",
                        "--num-processes", "2", "--process-id", str(i))
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=parallel_worker.cpu_devices_env(2), stdout=out, stderr=err, text=True))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=parallel_worker.cpu_devices_env(2), stdout=out, stderr=err,
+                                      text=True))
     deadline = time.monotonic() + TIMEOUT_S
     try:
         for p in procs:

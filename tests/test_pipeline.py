@@ -121,7 +121,8 @@ def test_tensor_parallel_example_on_virtual_devices(llava_next_hf, image_server)
         processor.image_processor = dataclasses.replace(processor.image_processor, on_device=True)
         print("DEVICE", pipe(('describe this image', image)).token_ids)
     """)
-    out = subprocess.run([sys.executable, "-c", script], env=parallel_worker.cpu_devices_env(2), capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], env=parallel_worker.cpu_devices_env(2), capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     tokens, device_tiles = (eval(part) for part in out.stdout.split("TOKENS", 1)[1].split("DEVICE"))
     assert device_tiles == tokens
