@@ -36,8 +36,11 @@ from jaxvlm.vl import IMAGE_TOKEN, FetchPolicy
 
 GEN = GenerationConfig(max_new_tokens=6, ignore_eos=True)  # fixed length: a success never looks like a failure
 SESSION_LEN = 256
-FETCH_TIMEOUT_S = 1.0
-HUGE = 100 * 1024 * 1024  # larger than load_image's 64 MiB default cap
+FETCH_TIMEOUT_S = 2.0
+# The byte cap is lowered for this module so the streamed-past-the-cap case moves 8 MiB, not 64: on a busy
+# 2-core machine, streaming the default cap over loopback could outlast the fetch timeout.
+BYTE_CAP = 8 * 1024 * 1024
+HUGE = 4 * BYTE_CAP
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -148,6 +151,7 @@ def server():
 @pytest.fixture(autouse=True)
 def direct_fetches(monkeypatch):
     # The loopback server is reached directly, whatever proxy the environment names; fetches time out fast.
+    monkeypatch.setattr(vl, "DEFAULT_FETCH_POLICY", FetchPolicy(max_bytes=BYTE_CAP))
     for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("JAXVLM_IMAGE_FETCH_TIMEOUT", str(FETCH_TIMEOUT_S))
