@@ -23,6 +23,9 @@ removes a kind of them without a kernel of our own:
   positions; for one row XLA lowers that as a slice update plus a read of the old values and a select (seen in
   the CPU program). The slice update clamps instead: the engine never writes past a running sequence's
   session, and a finished one's last column is never reused as a cached prefix (a prompt leaves room to answer).
+- `rope-once`: q and k rotated together and materialised (an optimization barrier) before the cache write and
+  the scores: the model's step lets XLA recompute q's rotation, sines included, inside the scores' reduction
+  and k's inside its cache write.
 - `+` joins parts: the last three variants combine them.
 
 On a GPU run it twice: with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` and `--profile` for the kernels of each
@@ -67,6 +70,7 @@ TINY = {**LLAVA_15_7B,
                         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
                         "vocab_size": 512}}
 VARIANTS = ("current", "norm-after", "norm-folded", "rope-flip", "lazy-attention", "split-attention", "write-slice",
+            "rope-once", "rope-flip+write-slice", "rope-once+write-slice", "rope-once+rope-flip+write-slice",
             "norm-after+rope-flip+lazy-attention+write-slice", "norm-folded+rope-flip+lazy-attention+write-slice",
             "norm-folded+rope-flip+split-attention+write-slice")
 
@@ -142,9 +146,16 @@ def layer_decode(parts: set[str]):
         if att.qkv_bias is not None:
             qkv = qkv + att.qkv_bias[...]
         g = att.group
-        q = qkv[:, :, :g, :].reshape(qkv.shape[0], 1, -1, qkv.shape[-1])
-        k, v = qkv[:, None, :, g, :], qkv[:, :, g + 1, :]
-        q, k = modeling.apply_rope(q, rope), modeling.apply_rope(k, rope)
+        v = qkv[:, :, g + 1, :]
+        if "rope-once" in parts:
+            s_, kvh, _, hd = qkv.shape
+            qk = modeling.apply_rope(qkv[:, :, : g + 1, :].reshape(s_, 1, -1, hd), rope)
+            qk = jax.lax.optimization_barrier(qk).reshape(s_, kvh, g + 1, hd)
+            q, k = qk[:, :, :g, :].reshape(s_, 1, -1, hd), qk[:, None, :, g, :]
+        else:
+            q = qkv[:, :, :g, :].reshape(qkv.shape[0], 1, -1, qkv.shape[-1])
+            k = qkv[:, None, :, g, :]
+            q, k = modeling.apply_rope(q, rope), modeling.apply_rope(k, rope)
         one = x.shape[0] == 1  # the write and attention parts are for one slot; more keep the model's
         if "write-slice" in parts and one:
             cache = write_by_slice(cache, positions, k[:, 0], v)
