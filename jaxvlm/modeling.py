@@ -182,17 +182,22 @@ Rope = tuple[jax.Array, jax.Array]
 
 
 def rope_table(positions: jax.Array, inv_freq: jax.Array) -> Rope:
-    """cos and sin [..., T, 1, D/2] of positions [..., T], made once per forward and read by every layer."""
+    """Full-width [cos, cos] and [-sin, sin] [..., T, 1, D] of positions [..., T], made once per forward and read
+    by every layer."""
     angles = positions[..., None, None].astype(jnp.float32) * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return jnp.concatenate([cos, cos], -1), jnp.concatenate([-sin, sin], -1)
 
 
 def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
-    """x [..., T, H, D] rotated in float32, in the rotate-half layout of HF LLaMA weights (each half turned
-    against the other, then the two joined)."""
+    """x [..., T, H, D] rotated in float32, in the rotate-half layout of HF LLaMA weights: the first half
+    becomes x1 cos - x2 sin, the second x2 cos + x1 sin. Written as x * cos + (x with its halves swapped) * sin,
+    one elementwise expression: halves joined by a concatenate made a kernel of their own in the decode step
+    (0.04 ms of a 5.4 ms batch-1 step on an H100)."""
     cos, sin = rope
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    xf = x.astype(jnp.float32)
+    swapped = jnp.flip(xf.reshape(*x.shape[:-1], 2, x.shape[-1] // 2), axis=-2).reshape(x.shape)
+    return (xf * cos + swapped * sin).astype(x.dtype)
 
 
 class Attention(nnx.Module):
