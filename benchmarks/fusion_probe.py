@@ -7,6 +7,8 @@ dropped: RMSNorm's row factor applied after the projection (with and without the
 it), the one-slot attention normalised after the value sum, and the same split over 8 chunks of keys.
 
 - `current`: the model as it is.
+- `before`: the model before those two changes (RoPE's halves joined by a concatenate, the write a scatter), for
+  an A/B on whatever GPU is lent.
 - `rope-once`: q and k rotated together and materialised (an optimization barrier) before the cache write and
   the scores: the model's step lets XLA recompute q's rotation inside the scores' reduction and k's inside
   its cache write.
@@ -39,7 +41,7 @@ from decode_probe import LLAVA_15_7B, random_model  # sibling scripts: benchmark
 from flag_probe import per_call_ms
 from jaxvlm import modeling
 from jaxvlm.kernels.attention import decode_attention
-from jaxvlm.kv_cache import init_cache
+from jaxvlm.kv_cache import LayerCache, init_cache
 from jaxvlm.model_config import llava_config_from_hf
 from jaxvlm.runner import ModelRunner
 
@@ -49,7 +51,7 @@ TINY = {**LLAVA_15_7B,
         "text_config": {**LLAVA_15_7B["text_config"], "hidden_size": 64, "intermediate_size": 160,
                         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
                         "vocab_size": 512}}
-VARIANTS = ("current", "rope-once")
+VARIANTS = ("current", "before", "rope-once")
 
 
 # ------------------------------------------------------------------------------------------------ the variants
@@ -72,18 +74,37 @@ def decode_rope_once(self, x, positions, lengths, rope, cache, kv_len, attention
     return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
+def rope_table_before(positions, inv_freq):
+    angles = positions[..., None, None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope_before(x, rope):
+    cos, sin = rope
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def write_tokens_before(self, positions, k, v):
+    slot = jnp.arange(k.shape[0])
+    return self._write(lambda c, new: c.at[slot, :, positions].set(new.astype(c.dtype), mode="drop"), k, v)
+
+
 @contextlib.contextmanager
 def patched(variant: str):
     """The model's code as `variant` has it, while a step traces (compiled programs keep what they traced)."""
-    saved = modeling.DecoderLayer.decode
+    saved = modeling.DecoderLayer.decode, modeling.rope_table, modeling.apply_rope, LayerCache.write_tokens
     try:
         if variant == "rope-once":
             modeling.DecoderLayer.decode = decode_rope_once
+        elif variant == "before":
+            modeling.rope_table, modeling.apply_rope = rope_table_before, apply_rope_before
+            LayerCache.write_tokens = write_tokens_before
         elif variant != "current":
             raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
         yield
     finally:
-        modeling.DecoderLayer.decode = saved
+        modeling.DecoderLayer.decode, modeling.rope_table, modeling.apply_rope, LayerCache.write_tokens = saved
 
 
 # ------------------------------------------------------------------------------------------------ measuring
