@@ -164,6 +164,26 @@ def test_cache_writes_quantize_and_keep_other_slots():
     assert kv_cache.bytes_per_token(cfg, jnp.bfloat16) == 2 * 1 * 2 * 8 * 2
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.int8])
+def test_one_slot_token_write_matches_the_many_slot_write(dtype):
+    """One running slot writes by slice update, more by scatter: the same slot-0 token lands the same way, and
+    nothing else in the cache changes."""
+    from jaxvlm.model_config import TextConfig
+
+    cfg = TextConfig(vocab_size=10, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                     num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+                     max_position_embeddings=64)
+    layer = kv_cache.init_cache(cfg, 2, 16, dtype)[0]
+    layer = jax.tree.map(lambda a: jax.random.normal(jax.random.key(0), a.shape).astype(a.dtype), layer)
+    token = jax.random.normal(jax.random.key(1), (2, 2, 8))
+    one = layer.write_tokens(jnp.asarray([7]), token[:1], -token[:1])
+    many = layer.write_tokens(jnp.asarray([7, 16]), token, -token)  # slot 1's position is past the cache: dropped
+    for got, want, before in zip(jax.tree.leaves(one), jax.tree.leaves(many), jax.tree.leaves(layer)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        changed = np.asarray(got) != np.asarray(before)
+        assert not changed[1].any() and not np.delete(changed[0], 7, axis=1).any()
+
+
 def test_decode_xla_reads_only_the_bucket():
     q, k, v = _qkv(4, t=256)
     lengths = jnp.asarray([10, 64, 100])
