@@ -183,7 +183,7 @@ def measure(model, variants: list[str], rows: int, max_len: int, position: int, 
     programs = {}
 
     def use(variant: str) -> None:
-        compiled, runner._leaves = programs[variant]
+        compiled = programs[variant]
         runner._decode = lambda leaves, cache, state, **static: compiled(leaves, cache, state)
 
     def reset():  # every slot running at `position`: 60 steps from there stay inside one cache-read bucket
@@ -196,17 +196,16 @@ def measure(model, variants: list[str], rows: int, max_len: int, position: int, 
         if time.time() > deadline:
             print(json.dumps({"variant": variant, "rows": rows, "skipped": "budget"}), flush=True)
             continue
-        weights = runner._leaves
         # A jit of its own per variant: one jit would reuse its first trace, whatever is patched since.
         step = jax.jit(functools.partial(ModelRunner._decode_fn, runner), donate_argnames=("cache", "state"),
                        static_argnames=("rows", "kv_len", "greedy_only", "num_logprobs"))
         with patched(variant):
             t = time.perf_counter()
-            compiled = step.lower(weights, runner.cache, runner.state, rows=rows,
+            compiled = step.lower(runner._leaves, runner.cache, runner.state, rows=rows,
                                   kv_len=runner.buckets.kv_length(position + 1), greedy_only=True,
                                   num_logprobs=0).compile()
             compile_s = time.perf_counter() - t
-        programs[variant] = compiled, weights
+        programs[variant] = compiled
         hlo = compiled.as_text()
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
@@ -228,6 +227,7 @@ def measure(model, variants: list[str], rows: int, max_len: int, position: int, 
     for variant, ms in times.items():
         print(json.dumps({"variant": variant, "rows": rows, "ms_per_step": float(np.median(ms)), "rounds": ms,
                           "tok_s": rows * 1e3 / float(np.median(ms))}), flush=True)
+
 
 if __name__ == "__main__":
     main()
